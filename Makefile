@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` and `make test`. Both set up what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_TL3 ?= .venv-tl3
+# CPU machines take the CPU build of torch that pip finds on this machine's disk; with an
+# NVIDIA GPU visible, pip's default CUDA build. Override with `make TORCH_SPEC=... test`.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PYTHONHASHSEED = 0
+
+.PHONY: demo test test-fast install lint clean
+
+# venv with torch first (so the open torch range installs nothing more), then the package.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+# The same, on the TransformerLens 3.9 line (where HookedTransformer still exists).
+$(VENV_TL3)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TL3)
+	$(VENV_TL3)/bin/python -c "import torch" 2>/dev/null || $(VENV_TL3)/bin/pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) -e ".[dev]" "transformer-lens>=3.9,<4"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/bayescirc simulate --out demo-out/sim.parquet
+	$(VENV)/bin/bayescirc inspect demo-out/sim.parquet
+	@echo "demo: collect, fit, circuits and report are not built yet; this ran simulate -> inspect."
+
+test: $(VENV)/.installed $(VENV_TL3)/.installed
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
+	JAX_PLATFORMS=cpu $(VENV_TL3)/bin/python -m pytest -m tl
+
+test-fast: $(VENV)/.installed
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -m "not slow and not browser"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check bayescirc tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(VENV_TL3) build *.egg-info .pytest_cache

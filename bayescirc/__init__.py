@@ -1,0 +1,54 @@
+"""bayescirc: uncertainty-aware circuit discovery.
+
+Collect per-input edge scores from a TransformerLens model, fit hierarchical
+models that separate intrinsic input variance, approximation error and
+aggregation noise, and get circuits with calibrated uncertainty.
+
+Heavy dependencies (torch, TransformerLens, JAX) load only when the stage
+that needs them is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; imported on first use
+_EXPORTS = {
+    "Graph": "graph",
+    "parse_edge": "graph",
+    "prune_to_paths": "graph",
+    "read_scores": "scores",
+    "write_scores": "scores",
+    "read_metadata": "scores",
+    "validate_scores": "scores",
+    "sufficient_statistics": "scores",
+    "SufficientStats": "scores",
+    "ScoresWriter": "scores",
+    "simulate": "simulate",
+    "SimulationConfig": "simulate",
+    "MethodError": "simulate",
+    "read_task": "tasks",
+    "load_model": "bridge",
+    "BayescircError": "errors",
+    "ScoresError": "errors",
+    "TaskError": "errors",
+    "ModelError": "errors",
+    "FitError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bayescirc' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

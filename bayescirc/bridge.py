@@ -1,0 +1,173 @@
+"""Loading TransformerLens models and switching on the hooks edge scoring needs.
+
+The one module (with the collector's engine) that imports TransformerLens:
+its API moves between lines (``HookedTransformer`` in 3.x, ``TransformerBridge``
+in 3.x and 4.x). Supported: TransformerLens >= 3.9 and 4.x; a model given as
+
+- a local Hugging Face directory (GPT-2 architecture is what ``models/`` ships),
+- a hub name (needs network access), or
+- an already-loaded ``HookedTransformer`` or ``TransformerBridge``.
+
+Directories and hub names load with ``TransformerBridge.boot_transformers``
+followed by ``enable_compatibility_mode()`` (HookedTransformer-equivalent
+hooks). Scoring needs the per-head hooks of :func:`bayescirc.graph.required_hooks`;
+:func:`scoring_mode` switches them on, puts the model in eval mode and
+restores both afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .graph import Graph, required_hooks
+
+__all__ = ["load_model", "model_graph", "check_hooks", "scoring_mode", "shipped_model", "resolve_device", "SHIPPED_MODELS"]
+
+SHIPPED_MODELS = ("ioi-toy", "induction")
+DEFAULT_MODEL = "ioi-toy"
+
+_HOOK_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
+
+
+def shipped_model(name: str = DEFAULT_MODEL) -> Path:
+    """Directory of a model shipped with bayescirc (``ioi-toy`` or ``induction``)."""
+    candidates = []
+    try:
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("bayescirc._models"))) / name)
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / name)
+    for path in candidates:
+        if (path / "config.json").exists():
+            return path
+    raise ModelError(f"shipped model {name!r} not found (looked in {', '.join(map(str, candidates))}); "
+                     f"shipped models are {list(SHIPPED_MODELS)}.")
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` picks ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu or auto.")
+    return str(device)
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if str(dtype) not in names:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}.")
+    return names[str(dtype)]
+
+
+def _is_loaded_model(model: Any) -> bool:
+    return hasattr(model, "run_with_hooks") and hasattr(model, "cfg")
+
+
+def load_model(model: Any, device: str | None = "auto", dtype: Any = None) -> Any:
+    """Return a TransformerLens model for ``model`` (path, hub name or loaded model).
+
+    A loaded ``TransformerBridge`` that is not in compatibility mode gets it
+    switched on without weight processing (``no_processing=True``), so the
+    caller's weights are not rewritten; the hook names then match
+    HookedTransformer's. Raises :class:`ModelError` with what to do when the
+    model cannot be loaded.
+    """
+    if _is_loaded_model(model):
+        if hasattr(model, "enable_compatibility_mode") and not getattr(model, "compatibility_mode", False):
+            model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"cannot load a model from {type(model).__name__}; pass a directory, a hub name, "
+                         "or a HookedTransformer / TransformerBridge.")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name = str(model)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelError(f"{local}: not a Hugging Face model directory (no config.json). "
+                             "Point --model at a directory saved with save_pretrained, or at a hub name.")
+        name = str(local)
+    elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelError(f"{name}: no such model directory.")
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=resolve_device(device), dtype=_torch_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        hint = ("" if local.exists() else " If this is a hub name, this machine may be offline (HF_HUB_OFFLINE): "
+                "download the model elsewhere and pass its directory.")
+        raise ModelError(f"could not load model {name!r}: {exc}.{hint}") from None
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    return bridge
+
+
+def model_graph(model: Any) -> Graph:
+    """The EAP-IG graph of a loaded model, from its config."""
+    cfg = model.cfg
+    return Graph(int(cfg.n_layers), int(cfg.n_heads), bool(getattr(cfg, "parallel_attn_mlp", False)))
+
+
+def check_hooks(model: Any) -> Graph:
+    """Check that ``model`` (in :func:`scoring_mode`) exposes every hook scoring needs.
+
+    Raises :class:`ModelError` naming the missing hooks, e.g. for
+    architectures whose bridge lacks per-head attention hooks.
+    """
+    graph = model_graph(model)
+    available = set(getattr(model, "hook_dict", {}) or {})
+    missing = [h for h in required_hooks(graph) if h not in available]
+    if missing:
+        arch = getattr(model.cfg, "original_architecture", None) or type(model).__name__
+        raise ModelError(
+            f"model ({arch}) lacks {len(missing)} hook(s) that per-edge scoring needs, e.g. {missing[:4]}. "
+            "Edge scores need per-head attention outputs (attn.hook_result), separate q/k/v inputs "
+            "(hook_q_input/hook_k_input/hook_v_input) and hook_mlp_in; load the model with "
+            "TransformerBridge.boot_transformers(...) and enable_compatibility_mode() "
+            "(boot_native bridges and some architectures do not provide them)."
+        )
+    return graph
+
+
+@contextlib.contextmanager
+def scoring_mode(model: Any) -> Iterator[Graph]:
+    """Eval mode plus the per-head hook flags, restored on exit; yields the graph.
+
+    Dropout would make identical inputs score differently, so scoring always
+    runs in eval mode; the flags the caller had are put back afterwards.
+    """
+    was_training = bool(getattr(model, "training", False))
+    before = {flag: bool(getattr(model.cfg, flag, False)) for flag in _HOOK_FLAGS}
+    try:
+        model.eval()
+        for flag in _HOOK_FLAGS:
+            setter = getattr(model, f"set_{flag}", None)
+            if setter is None:
+                raise ModelError(f"{type(model).__name__} has no set_{flag}(); it cannot expose per-head hooks. "
+                                 "Use a HookedTransformer or a TransformerBridge in compatibility mode.")
+            try:
+                setter(True)
+            except (ValueError, NotImplementedError, RuntimeError) as exc:
+                raise ModelError(f"{type(model).__name__}: cannot switch on {flag} ({exc}); this architecture "
+                                 "does not expose the per-head hooks edge scoring needs.") from None
+        yield check_hooks(model)
+    finally:
+        for flag, value in before.items():
+            setter = getattr(model, f"set_{flag}", None)
+            if setter is not None:
+                with contextlib.suppress(Exception):
+                    setter(value)
+        model.train(was_training)

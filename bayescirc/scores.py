@@ -1,0 +1,699 @@
+"""Read, validate and write scores.parquet (schema v1, see :mod:`bayescirc.schema`).
+
+A scores "file" is a parquet file or a directory of parquet part files
+(sharded collection) that reads as one table. Every reader validates: a
+broken file gets a :class:`~bayescirc.errors.ScoresError` naming the file,
+the column, an offending row and the fix.
+
+The fit does not need the per-input table in memory: :func:`sufficient_statistics`
+streams the file and keeps, per edge and per *observation pattern* (the set
+of methods that scored an input), counts, sums and cross-products of the
+scores; see :class:`SufficientStats`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema
+from ._io import atomic_path
+from .errors import ScoresError
+from .graph import QKV, edge_table, parse_edge, parse_node
+
+__all__ = [
+    "ScoresWriter",
+    "SufficientStats",
+    "read_metadata",
+    "read_scores",
+    "scores_summary",
+    "sufficient_statistics",
+    "validate_scores",
+    "write_scores",
+]
+
+ROW_GROUP_SIZE = 1 << 20
+
+
+class EdgeNameWarning(UserWarning):
+    """Edge names outside the graph syntax: kept, pooled in a generic group."""
+
+
+# --- locating files ------------------------------------------------------------------
+
+
+def _part_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ScoresError(f"{path}: no such file or directory. Pass a scores.parquet file or a directory of part files.")
+    if path.is_dir():
+        parts = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+        if not parts:
+            raise ScoresError(f"{path}: directory holds no *.parquet part files. Point at a scores file or a directory of parts.")
+        return parts
+    return [path]
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ScoresError(f"{path}: not a readable parquet file ({exc}). Write scores with bayescirc.write_scores or pandas.DataFrame.to_parquet.") from None
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def _describe_row(batch: pa.RecordBatch | pa.Table, i: int) -> str:
+    parts = []
+    for col in schema.REQUIRED_COLUMNS:
+        if col in batch.schema.names:
+            value = batch.column(col)[i].as_py()
+            parts.append(f"{col}={value!r}")
+    return ", ".join(parts)
+
+
+def _check_columns(arrow_schema: pa.Schema, source: str) -> None:
+    names = list(arrow_schema.names)
+    missing = [c for c in schema.REQUIRED_COLUMNS if c not in names]
+    if missing:
+        hints = []
+        for col in missing:
+            close = difflib.get_close_matches(col, names, n=1, cutoff=0.6)
+            hints.append(f"'{col}'" + (f" (found '{close[0]}': rename it)" if close else ""))
+        raise ScoresError(
+            f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(hints)}. "
+            f"A scores file needs the columns {list(schema.REQUIRED_COLUMNS)}; it has {names}."
+        )
+    checks = {
+        schema.INPUT_ID: (pa.types.is_integer, "an integer type (int64)", "df['input_id'] = df['input_id'].astype('int64')"),
+        schema.EDGE: (_is_stringlike, "strings", "df['edge'] = df['edge'].astype(str)"),
+        schema.METHOD: (_is_stringlike, "strings", "df['method'] = df['method'].astype(str)"),
+        schema.SCORE: (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "a float type (float32 or float64)",
+                       "df['score'] = df['score'].astype('float64')"),
+    }
+    for col, (ok, expected, fix) in checks.items():
+        dtype = arrow_schema.field(col).type
+        if not ok(dtype):
+            raise ScoresError(f"{source}: column '{col}' has type {dtype}, expected {expected}. Fix it with {fix}.")
+
+
+def _is_stringlike(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def _check_batch(batch: pa.RecordBatch, source: str, row_offset: int) -> None:
+    """Row-level checks that need no other batch: nulls, ids, scores."""
+    for col in (schema.INPUT_ID, schema.EDGE, schema.METHOD):  # a null score is reported as non-finite below
+        column = batch.column(col)
+        if column.null_count:
+            i = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ScoresError(
+                f"{source}: column '{col}' is empty (null) at row {row_offset + i} ({_describe_row(batch, i)}); "
+                f"{column.null_count} null(s) in this part. Every row needs all four of {list(schema.REQUIRED_COLUMNS)}."
+            )
+    ids = batch.column(schema.INPUT_ID).to_numpy()
+    if len(ids) and ids.min() < 0:
+        i = int(np.flatnonzero(ids < 0)[0])
+        raise ScoresError(
+            f"{source}: column 'input_id' is negative at row {row_offset + i} ({_describe_row(batch, i)}). "
+            "input_id is the 0-based index of the input in the task dataset; renumber the inputs from 0."
+        )
+    score = pc.fill_null(pc.cast(batch.column(schema.SCORE), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(score)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ScoresError(
+            f"{source}: column 'score' is {score[i]} at row {row_offset + i} ({_describe_row(batch, i)}); "
+            f"{int(bad.sum())} non-finite score(s) in this part. Drop or recompute these rows (an overflow in "
+            "float16/bf16 collection is the usual cause: collect with --dtype float32)."
+        )
+    for col in (schema.EDGE, schema.METHOD):
+        values = batch.column(col)
+        lengths = pc.utf8_length(values.dictionary_decode() if pa.types.is_dictionary(values.type) else values)
+        empty = lengths.to_numpy(zero_copy_only=False) == 0
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise ScoresError(f"{source}: column '{col}' is an empty string at row {row_offset + i} ({_describe_row(batch, i)}).")
+
+
+def _warn_unparsed(edges: list[str], source: str) -> None:
+    _, unparsed = edge_table(edges)
+    if unparsed:
+        shown = ", ".join(repr(e) for e in unparsed[:3])
+        warnings.warn(
+            f"{source}: {len(unparsed)} edge name(s) do not follow the graph syntax "
+            f"(e.g. {shown}); expected names like 'a0.h3->a2.h1<q>', 'm1->logits', 'input->m0'. "
+            "They are kept and pooled in a generic 'other' group.",
+            EdgeNameWarning,
+            stacklevel=3,
+        )
+
+
+def _check_declared_methods(metadata: dict, methods: list[str], source: str) -> None:
+    declared = list((metadata or {}).get("methods") or {})
+    absent = [m for m in declared if m not in methods]
+    if absent:
+        raise ScoresError(
+            f"{source}: method(s) {absent} are declared in the file metadata but have no rows. "
+            "Re-run the collection of these methods, or drop them from the metadata's 'methods'."
+        )
+
+
+def validate_scores(table: pd.DataFrame | pa.Table, source: str = "scores table", metadata: dict | None = None) -> None:
+    """Check a scores table against schema v1; raise :class:`ScoresError` on the first problem.
+
+    Checks, in order: the four required columns and their types, nulls,
+    negative ``input_id``, non-finite scores, empty strings, an empty table,
+    methods without rows (unused categories of a categorical ``method``
+    column, or methods declared in ``metadata``), and duplicate
+    ``(input_id, edge, method)`` rows. Edge names outside the graph syntax
+    only warn (:class:`EdgeNameWarning`).
+    """
+    if isinstance(table, pd.DataFrame):
+        categories = None
+        if schema.METHOD in table and isinstance(table[schema.METHOD].dtype, pd.CategoricalDtype):
+            categories = list(table[schema.METHOD].cat.categories)
+        table = _to_arrow(table, source)
+    else:
+        categories = None
+        col = table.column(schema.METHOD) if schema.METHOD in table.schema.names else None
+        if col is not None and pa.types.is_dictionary(col.type) and col.num_chunks:
+            categories = sorted({v for chunk in col.chunks for v in chunk.dictionary.to_pylist()})
+    _check_columns(table.schema, source)
+    if table.num_rows == 0:
+        raise ScoresError(f"{source}: the scores table is empty (no rows). Collect or simulate some scores first.")
+    offset = 0
+    for batch in table.to_batches():
+        _check_batch(batch, source, offset)
+        offset += batch.num_rows
+    methods = sorted(set(_decoded(table.column(schema.METHOD)).unique().to_pylist()))
+    if categories is not None:
+        unused = [c for c in categories if c not in methods]
+        if unused:
+            raise ScoresError(
+                f"{source}: method(s) {unused} are categories of the 'method' column but have no rows. "
+                "Drop them (df['method'] = df['method'].cat.remove_unused_categories()) or collect them."
+            )
+    _check_declared_methods(metadata, methods, source)
+    frame = pd.DataFrame({
+        "i": table.column(schema.INPUT_ID).to_numpy(),
+        "e": _decoded(table.column(schema.EDGE)).to_numpy(zero_copy_only=False),
+        "m": _decoded(table.column(schema.METHOD)).to_numpy(zero_copy_only=False),
+    })
+    dup = frame.duplicated(keep="first").to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise ScoresError(
+            f"{source}: duplicate (input_id, edge, method) at row {i} ({_describe_row(table.slice(i, 1), 0)}); "
+            f"{int(dup.sum())} duplicate row(s). Each input, edge and method must be scored once: "
+            "drop duplicates or check that shards do not overlap."
+        )
+    _warn_unparsed(sorted(set(frame["e"])), source)
+
+
+def _decoded(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    if pa.types.is_dictionary(column.type):
+        return pc.cast(column, column.type.value_type)
+    return column
+
+
+def _to_arrow(frame: pd.DataFrame, source: str) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ScoresError(f"{source}: cannot convert the table to Arrow ({exc}). Check the column types.") from None
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``bayescirc`` metadata of a scores file (of its first part for a directory).
+
+    Files written by other tools have none: the result is then ``{}``.
+    """
+    parts = _part_files(Path(path))
+    meta = _open(parts[0]).schema_arrow.metadata or {}
+    raw = meta.get(schema.METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ScoresError(f"{parts[0]}: the '{schema.METADATA_KEY.decode()}' metadata is not valid JSON.") from None
+
+
+def _iter_batches(parts: list[Path], columns: list[str], filter_ids: tuple[int, int] | None = None
+                  ) -> Iterator[tuple[pa.RecordBatch, str, int]]:
+    """Yield (batch, part name, row offset in that part), checking each part's columns."""
+    for part in parts:
+        pf = _open(part)
+        _check_columns(pf.schema_arrow, str(part))
+        offset = 0
+        for rg in range(pf.num_row_groups):
+            if filter_ids is not None:
+                stats = pf.metadata.row_group(rg).column(pf.schema_arrow.get_field_index(schema.INPUT_ID)).statistics
+                if stats is not None and stats.has_min_max and (stats.max < filter_ids[0] or stats.min >= filter_ids[1]):
+                    offset += pf.metadata.row_group(rg).num_rows
+                    continue
+            for batch in pf.iter_batches(columns=columns, row_groups=[rg], batch_size=ROW_GROUP_SIZE):
+                yield batch, str(part), offset
+                offset += batch.num_rows
+
+
+def read_scores(path: str | os.PathLike, columns: list[str] | None = None, validate: bool = True) -> pd.DataFrame:
+    """Read a scores file or directory of parts as one validated DataFrame.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.parquet`` file or a directory of part files.
+    columns : list of str, optional
+        Columns to read, default all; the four required columns are always read.
+    validate : bool, default True
+        Run :func:`validate_scores` (errors name the part file and row).
+
+    Returns
+    -------
+    DataFrame with ``edge`` and ``method`` as categoricals, ``input_id`` int64.
+    """
+    path = Path(path)
+    parts = _part_files(path)
+    tables = []
+    for part in parts:
+        pf = _open(part)
+        _check_columns(pf.schema_arrow, str(part))
+        wanted = None
+        if columns is not None:
+            wanted = list(dict.fromkeys([*schema.REQUIRED_COLUMNS, *columns]))
+        table = pf.read(columns=wanted)
+        if validate:
+            validate_scores(table, source=str(part))
+        tables.append(table)
+    table = pa.concat_tables([_normalise(t) for t in tables], promote_options="permissive")
+    source = str(path)
+    if validate:
+        if len(parts) > 1:
+            validate_scores(table, source=source, metadata=read_metadata(path))
+        else:
+            _check_declared_methods(read_metadata(path), sorted(set(_decoded(table.column(schema.METHOD)).unique().to_pylist())), source)
+    frame = table.to_pandas()
+    for col in (schema.EDGE, schema.METHOD):
+        frame[col] = frame[col].astype("category")
+    frame[schema.INPUT_ID] = frame[schema.INPUT_ID].astype("int64")
+    return frame
+
+
+def _normalise(table: pa.Table) -> pa.Table:
+    """Cast the required columns to one schema so parts concatenate."""
+    cols = {}
+    for name in table.schema.names:
+        col = table.column(name)
+        if name in (schema.EDGE, schema.METHOD):
+            col = pc.cast(_decoded(col), pa.string())
+        elif name == schema.INPUT_ID:
+            col = pc.cast(col, pa.int64())
+        elif name == schema.SCORE and not pa.types.is_floating(col.type):
+            col = pc.cast(col, pa.float64())
+        cols[name] = col
+    return pa.table(cols)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _metadata_bytes(metadata: dict | None) -> dict[bytes, bytes]:
+    from . import __version__
+
+    meta = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "sign_convention": schema.SIGN_CONVENTION,
+        "aggregation": schema.AGGREGATION,
+        "package_version": __version__,
+    }
+    meta.update(metadata or {})
+    meta["schema_version"] = schema.SCHEMA_VERSION
+    return {schema.METADATA_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
+
+
+def _arrow_schema(score_type: pa.DataType, extra: list[pa.Field], metadata: dict | None) -> pa.Schema:
+    fields = [
+        pa.field(schema.INPUT_ID, pa.int64()),
+        pa.field(schema.EDGE, pa.dictionary(pa.int32(), pa.string())),
+        pa.field(schema.METHOD, pa.dictionary(pa.int32(), pa.string())),
+        pa.field(schema.SCORE, score_type),
+        *extra,
+    ]
+    return pa.schema(fields, metadata=_metadata_bytes(metadata))
+
+
+class ScoresWriter:
+    """Stream rows into a scores file; the file appears only when complete.
+
+    Use as a context manager; each :meth:`write` appends a DataFrame (or a
+    dict of columns) as one or more row groups. Rows go to a temporary file
+    beside ``path`` that is renamed onto ``path`` on a clean exit and removed
+    on an exception, so a crashed collection never leaves a truncated file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination ``.parquet`` file.
+    metadata : dict, optional
+        Fields of the ``bayescirc`` metadata (see ``schema.METADATA_FIELDS``).
+    score_dtype : {"float32", "float64"}, default "float32"
+    extra_columns : dict of name -> numpy dtype, optional
+        Optional columns (e.g. ``clean_metric``) written after the four required ones.
+    """
+
+    def __init__(self, path, metadata: dict | None = None, score_dtype: str = "float32",
+                 extra_columns: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._extra = dict(extra_columns or {})
+        extra_fields = [pa.field(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in self._extra.items()]
+        self.schema = _arrow_schema(pa.from_numpy_dtype(np.dtype(score_dtype)), extra_fields, metadata)
+        self._ctx = None
+        self._writer = None
+        self.rows = 0
+
+    def __enter__(self) -> ScoresWriter:
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, rows: pd.DataFrame | dict) -> None:
+        """Append rows with the four required columns (and the declared extras)."""
+        if isinstance(rows, pd.DataFrame):
+            rows = {c: rows[c].to_numpy() if not isinstance(rows[c].dtype, pd.CategoricalDtype) else rows[c] for c in rows.columns}
+        arrays = []
+        for fld in self.schema:
+            if fld.name not in rows:
+                raise ValueError(f"rows lack column {fld.name!r}")
+            values = rows[fld.name]
+            if pa.types.is_dictionary(fld.type):
+                if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+                    arr = pa.DictionaryArray.from_arrays(
+                        pa.array(values.cat.codes.to_numpy(), pa.int32()), pa.array(values.cat.categories.astype(str), pa.string()))
+                else:
+                    arr = pc.dictionary_encode(pa.array(np.asarray(values, dtype=object), pa.string()))
+                    arr = pa.DictionaryArray.from_arrays(pc.cast(arr.indices, pa.int32()), arr.dictionary)
+            else:
+                arr = pa.array(np.asarray(values), fld.type)
+            arrays.append(arr)
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        self._writer.write_batch(batch, row_group_size=ROW_GROUP_SIZE)
+        self.rows += batch.num_rows
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._writer.close()
+        except BaseException as close_error:
+            if exc is None:  # the file is broken: remove it, report the close error
+                self._ctx.__exit__(type(close_error), close_error, close_error.__traceback__)
+                raise
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def write_scores(table: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None,
+                 score_dtype: str | None = None) -> Path:
+    """Validate ``table`` and write it as a schema-v1 scores file (atomically).
+
+    Columns beyond the four required ones are kept. ``score_dtype`` defaults
+    to the table's own float type. Returns the path written.
+    """
+    path = Path(path)
+    validate_scores(table, source=f"table for {path}", metadata=metadata)
+    extra = {c: table[c].to_numpy().dtype.str for c in table.columns if c not in schema.REQUIRED_COLUMNS}
+    dtype = score_dtype or (table[schema.SCORE].dtype.name if table[schema.SCORE].dtype.kind == "f" else "float64")
+    with ScoresWriter(path, metadata=metadata, score_dtype=dtype, extra_columns=extra) as writer:
+        writer.write(table)
+    return path
+
+
+# --- summaries ------------------------------------------------------------------------------
+
+
+def _edge_sort_key(edge: str):
+    """EAP-IG order (receiver in forward order, then source) for parseable edges."""
+    try:
+        info = parse_edge(edge)
+    except ValueError:
+        return (1, 0, 0, 0, 0, 0, edge)
+
+    def node_key(name: str) -> tuple[int, int]:
+        node = parse_node(name)
+        layer = node.layer if node.layer is not None else 1 << 30
+        order = {"input": 0, "attn": 1, "mlp": 2, "logits": 3}[node.kind]
+        return (layer, order * (1 << 20) + (node.head or 0))
+
+    return (0, *node_key(info.receiver), QKV.index(info.qkv) if info.qkv else 0, *node_key(info.source), "")
+
+
+@dataclass
+class SufficientStats:
+    """Per-edge sums of scores, grouped by observation pattern.
+
+    For edge ``e`` and pattern ``p`` (the set of methods that scored an input,
+    ``patterns[p, m]`` true when method ``m`` is in it), over the inputs with
+    that pattern:
+
+    - ``n[e, p]``: number of inputs,
+    - ``sums[e, p, m]``: sum of method ``m``'s scores,
+    - ``cross[e, p, m, k]``: sum of products of methods ``m`` and ``k``'s scores
+      (the diagonal is the sum of squares).
+
+    Entries for methods outside a pattern are zero. With exact scores on a
+    subset of inputs this gives, per edge, the exact-only, exact-and-approximate
+    and approximate-only moments the collapsed likelihood needs, including the
+    cross-products between exact and each approximate method where both exist.
+    """
+
+    edges: np.ndarray
+    methods: tuple[str, ...]
+    patterns: np.ndarray
+    n: np.ndarray
+    sums: np.ndarray
+    cross: np.ndarray
+    input_ids: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges)
+
+    def per_method(self) -> pd.DataFrame:
+        """Long table: edge, method, n, sum, sum_sq, mean, var (ddof=1), over all inputs."""
+        rows = []
+        in_pattern = self.patterns.astype(bool)
+        for m, method in enumerate(self.methods):
+            sel = in_pattern[:, m]
+            n = self.n[:, sel].sum(1)
+            s = self.sums[:, sel, m].sum(1)
+            ss = self.cross[:, sel, m, m].sum(1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+                var = np.where(n > 1, (ss - n * mean**2) / np.maximum(n - 1, 1), np.nan)
+            rows.append(pd.DataFrame({"edge": self.edges, "method": method, "n": n, "sum": s, "sum_sq": ss,
+                                      "mean": mean, "var": np.maximum(var, 0.0)}))
+        out = pd.concat(rows, ignore_index=True)
+        return out[out["n"] > 0].reset_index(drop=True)
+
+    def exact_cross(self) -> pd.DataFrame:
+        """Per edge and approximate method, moments over inputs that have both exact and approximate scores."""
+        exact = [m for m, name in enumerate(self.methods) if schema.is_exact(name)]
+        if not exact:
+            return pd.DataFrame(columns=["edge", "method", "n", "sum_exact", "sum_exact_sq", "sum_approx", "sum_approx_sq", "sum_cross"])
+        x = exact[0]
+        rows = []
+        in_pattern = self.patterns.astype(bool)
+        for m, method in enumerate(self.methods):
+            if m == x:
+                continue
+            sel = in_pattern[:, m] & in_pattern[:, x]
+            rows.append(pd.DataFrame({
+                "edge": self.edges, "method": method, "n": self.n[:, sel].sum(1),
+                "sum_exact": self.sums[:, sel, x].sum(1), "sum_exact_sq": self.cross[:, sel, x, x].sum(1),
+                "sum_approx": self.sums[:, sel, m].sum(1), "sum_approx_sq": self.cross[:, sel, m, m].sum(1),
+                "sum_cross": self.cross[:, sel, x, m].sum(1),
+            }))
+        out = pd.concat(rows, ignore_index=True)
+        return out[out["n"] > 0].reset_index(drop=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to an ``.npz`` file (atomic)."""
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, edges=self.edges.astype(str), methods=np.array(self.methods, dtype=str),
+                                    patterns=self.patterns, n=self.n, sums=self.sums, cross=self.cross,
+                                    input_ids=self.input_ids, metadata=np.array(json.dumps(self.metadata)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SufficientStats:
+        with np.load(path) as z:
+            return cls(edges=z["edges"].astype(object), methods=tuple(z["methods"].tolist()), patterns=z["patterns"],
+                       n=z["n"], sums=z["sums"], cross=z["cross"], input_ids=z["input_ids"],
+                       metadata=json.loads(str(z["metadata"])))
+
+
+def _scan_index(parts: list[Path]) -> tuple[list[str], list[str], np.ndarray, int]:
+    """First pass: the edges, methods and input ids present, with row-level checks."""
+    edges: dict[str, None] = {}
+    methods: dict[str, None] = {}
+    ids: list[np.ndarray] = []
+    rows = 0
+    for batch, source, offset in _iter_batches(parts, list(schema.REQUIRED_COLUMNS)):
+        _check_batch(batch, source, offset)
+        for col, seen in ((schema.EDGE, edges), (schema.METHOD, methods)):
+            arr = batch.column(col)
+            if pa.types.is_dictionary(arr.type):
+                uniq = arr.dictionary.take(pc.unique(arr.indices))
+            else:
+                uniq = pc.unique(arr)
+            seen.update(dict.fromkeys(uniq.to_pylist()))
+        ids.append(np.unique(batch.column(schema.INPUT_ID).to_numpy()))
+        rows += batch.num_rows
+    if rows == 0:
+        raise ScoresError(f"{parts[0] if len(parts) == 1 else parts[0].parent}: the scores file is empty (no rows). "
+                          "Collect or simulate some scores first.")
+    input_ids = np.unique(np.concatenate(ids)) if ids else np.array([], dtype=np.int64)
+    return list(edges), list(methods), input_ids, rows
+
+
+def _codes(column: pa.Array, lookup: pa.Array) -> np.ndarray:
+    if pa.types.is_dictionary(column.type):
+        dict_codes = pc.index_in(pc.cast(column.dictionary, pa.string()), value_set=lookup).to_numpy(zero_copy_only=False)
+        return dict_codes[column.indices.to_numpy(zero_copy_only=False)]
+    return pc.index_in(pc.cast(column, pa.string()), value_set=lookup).to_numpy(zero_copy_only=False)
+
+
+def sufficient_statistics(path: str | os.PathLike, memory_budget: float = 2 * 2**30) -> SufficientStats:
+    """Stream a scores file into :class:`SufficientStats`, validating as it reads.
+
+    The file is read in chunks of inputs sized so that a dense
+    (methods x edges x inputs-in-chunk) block fits in ``memory_budget`` bytes;
+    a file sorted by ``input_id`` (as the collector and simulator write it) is
+    read once more in all, any other file once per chunk. Peak memory is about
+    ``memory_budget`` plus one row group, whatever the file's size.
+    """
+    path = Path(path)
+    parts = _part_files(path)
+    source = str(path)
+    metadata = read_metadata(path)
+    edge_names, method_names, input_ids, _ = _scan_index(parts)
+    edge_names = sorted(edge_names, key=_edge_sort_key)
+    method_names = sorted(method_names, key=lambda m: (not schema.is_exact(m), m))
+    _check_declared_methods(metadata, method_names, source)
+    _warn_unparsed(edge_names, source)
+    E, M = len(edge_names), len(method_names)
+    edge_lookup = pa.array(edge_names, pa.string())
+    method_lookup = pa.array(method_names, pa.string())
+
+    per_input = max(1, E * (M * 18 + 10))  # values, their masked copies, counts and pattern codes
+    chunk = int(max(1, min(len(input_ids), memory_budget // per_input)))
+    pattern_index: dict[int, int] = {}
+    n_acc, s_acc, c_acc = [], [], []
+
+    def pattern_slot(code: int) -> int:
+        if code not in pattern_index:
+            pattern_index[code] = len(pattern_index)
+            n_acc.append(np.zeros(E, np.int64))
+            s_acc.append(np.zeros((E, M)))
+            c_acc.append(np.zeros((E, M, M)))
+        return pattern_index[code]
+
+    for start in range(0, len(input_ids), chunk):
+        ids = input_ids[start:start + chunk]
+        lo, hi = int(ids[0]), int(ids[-1]) + 1
+        values = np.zeros((M, E, len(ids)))
+        counts = np.zeros((M, E, len(ids)), np.uint8)
+        for batch, part, offset in _iter_batches(parts, list(schema.REQUIRED_COLUMNS), (lo, hi)):
+            bid = batch.column(schema.INPUT_ID).to_numpy()
+            keep = (bid >= lo) & (bid < hi)
+            if not keep.any():
+                continue
+            pos = np.searchsorted(ids, bid[keep])
+            e = _codes(batch.column(schema.EDGE), edge_lookup)[keep]
+            m = _codes(batch.column(schema.METHOD), method_lookup)[keep]
+            y = batch.column(schema.SCORE).to_numpy(zero_copy_only=False)[keep]
+            flat = (m * E + e) * len(ids) + pos
+            _add_counts(counts, flat)
+            if counts.reshape(-1)[flat].max() > 1:
+                j = int(np.flatnonzero(counts.reshape(-1)[flat] > 1)[0])
+                row = offset + int(np.flatnonzero(keep)[j])
+                raise ScoresError(
+                    f"{part}: duplicate (input_id, edge, method) at row {row} "
+                    f"(input_id={int(bid[keep][j])}, edge={edge_names[e[j]]!r}, method={method_names[m[j]]!r}): "
+                    "each input, edge and method must be scored once. Drop duplicates or check that shards do not overlap."
+                )
+            values.reshape(-1)[flat] = y
+        observed = counts.astype(bool)
+        code = np.zeros((E, len(ids)), np.int64)
+        for m in range(M):
+            code |= observed[m].astype(np.int64) << m
+        for pattern in np.unique(code):
+            if pattern == 0:
+                continue
+            slot = pattern_slot(int(pattern))
+            sel = code == pattern
+            members = [m for m in range(M) if pattern >> m & 1]
+            n_acc[slot] += sel.sum(1)
+            masked = {m: np.where(sel, values[m], 0.0) for m in members}
+            for m in members:
+                s_acc[slot][:, m] += masked[m].sum(1)
+                for k in members:
+                    if k >= m:
+                        c_acc[slot][:, m, k] += np.einsum("ei,ei->e", masked[m], masked[k])
+    order = sorted(pattern_index, key=lambda c: (-bin(c).count("1"), c))
+    patterns = np.array([[bool(c >> m & 1) for m in range(M)] for c in order]).reshape(len(order), M)
+    slots = [pattern_index[c] for c in order]
+    cross = np.stack([c_acc[s] for s in slots], axis=1) if slots else np.zeros((E, 0, M, M))
+    upper = np.triu(np.ones((M, M), bool), 1)
+    cross = cross + np.where(upper.T, np.swapaxes(cross, -1, -2), 0.0)
+    return SufficientStats(
+        edges=np.array(edge_names, dtype=object),
+        methods=tuple(method_names),
+        patterns=patterns,
+        n=np.stack([n_acc[s] for s in slots], axis=1) if slots else np.zeros((E, 0), np.int64),
+        sums=np.stack([s_acc[s] for s in slots], axis=1) if slots else np.zeros((E, 0, M)),
+        cross=cross,
+        input_ids=input_ids,
+        metadata=metadata,
+    )
+
+
+def _add_counts(counts: np.ndarray, flat: np.ndarray) -> None:
+    uniq, reps = np.unique(flat, return_counts=True)
+    view = counts.reshape(-1)
+    view[uniq] += reps.astype(np.uint8)
+
+
+def scores_summary(path: str | os.PathLike) -> dict:
+    """Rows, inputs, edges and per-method counts of a scores file, plus its metadata."""
+    stats = sufficient_statistics(path)
+    per = stats.per_method()
+    methods = {m: {"inputs": int(per.loc[per.method == m, "n"].max()), "edges": int((per.method == m).sum()),
+                   "rows": int(per.loc[per.method == m, "n"].sum()),
+                   "mean_abs_score": float(per.loc[per.method == m, "mean"].abs().mean())}
+               for m in stats.methods}
+    return {
+        "path": str(path),
+        "rows": int(sum(v["rows"] for v in methods.values())),
+        "inputs": int(len(stats.input_ids)),
+        "edges": int(stats.n_edges),
+        "methods": methods,
+        "metadata": stats.metadata,
+    }

@@ -1,0 +1,82 @@
+"""The simulator draws from the fit's generative model, reproducibly."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bayescirc.graph import prune_to_paths
+from bayescirc.scores import read_scores, sufficient_statistics
+from bayescirc.simulate import MethodError, SimulationConfig, read_truth, simulate, truth_table, write_simulation
+
+
+def test_same_seed_same_scores_other_seed_other_scores():
+    a = simulate(n_inputs=20, n_exact=5, seed=3)
+    b = simulate(n_inputs=20, n_exact=5, seed=3)
+    c = simulate(n_inputs=20, n_exact=5, seed=4)
+    pd.testing.assert_frame_equal(a.scores, b.scores)
+    assert not np.allclose(a.scores.score, c.scores.score)
+
+
+def test_file_and_memory_simulations_agree(tmp_path):
+    config = SimulationConfig(n_layers=2, n_heads=2, n_inputs=37, n_exact=9, seed=1)
+    path, truth_path = write_simulation(tmp_path / "sim.parquet", config)
+    memory = simulate(config)
+
+    def canon(d):
+        return d.astype({"edge": str, "method": str}).sort_values(["method", "input_id", "edge"]).reset_index(drop=True)
+
+    np.testing.assert_allclose(canon(read_scores(path)).score, canon(memory.scores).score, rtol=1e-6, atol=1e-6)
+    truth, back = read_truth(truth_path)
+    assert back == config
+    pd.testing.assert_frame_equal(truth, memory.truth)
+
+
+def test_sizes_follow_the_config():
+    config = SimulationConfig(n_layers=2, n_heads=3, n_inputs=30, n_exact=10,
+                              methods={"eap": MethodError(), "other": MethodError(scale=2.0)})
+    sim = simulate(config)
+    n_edges = len(sim.truth)
+    counts = sim.scores.method.value_counts()
+    assert counts["exact"] == 10 * n_edges and counts["eap"] == 30 * n_edges and counts["other"] == 30 * n_edges
+    assert set(sim.scores.input_id[sim.scores.method == "exact"]) == set(range(10))
+
+
+def test_planted_circuit_survives_pruning_and_decoys_are_zero_mean():
+    sim = simulate(n_layers=3, n_heads=4, circuit_fraction=0.1, decoy_fraction=0.1, n_inputs=5)
+    circuit = set(sim.truth.edge[sim.truth.in_circuit])
+    assert prune_to_paths(circuit) == circuit
+    assert abs(len(circuit) - 0.1 * len(sim.truth)) <= 1
+    decoys = sim.truth[sim.truth.is_decoy]
+    assert len(decoys) > 0 and (decoys.effect == 0).all() and (decoys.intrinsic_sd == 3.0).all()
+    assert not (sim.truth.in_circuit & sim.truth.is_decoy).any()
+    assert (sim.truth.effect[~sim.truth.in_circuit] == 0).all()
+
+
+@pytest.mark.parametrize("heavy_tails", [None, 4.0])
+def test_moments_match_the_generative_model(tmp_path, heavy_tails):
+    """Per-edge mean and sd of exact scores, and each method's calibration line, recover the truth."""
+    eap = MethodError(bias=0.3, scale=0.7, edge_sd=0.0, noise_sd=0.2)
+    config = SimulationConfig(n_layers=1, n_heads=2, n_inputs=4000, n_exact=4000, methods={"eap": eap},
+                              heavy_tails=heavy_tails, decoy_fraction=0.0, seed=5)
+    path, _ = write_simulation(tmp_path / "sim.parquet", config)
+    stats = sufficient_statistics(path)
+    per = stats.per_method().set_index(["method", "edge"])
+    truth = truth_table(config)[1].set_index("edge")
+    exact = per.loc["exact"].join(truth)
+    se = exact.intrinsic_sd / np.sqrt(4000)
+    assert (np.abs(exact["mean"] - exact.effect) < 4.5 * se).all()
+    np.testing.assert_allclose(np.sqrt(exact["var"]), exact.intrinsic_sd, rtol=0.12 if heavy_tails else 0.06)
+    cross = stats.exact_cross().set_index("edge").join(truth)
+    n = cross["n"]
+    cov = cross.sum_cross / n - cross.sum_exact * cross.sum_approx / n**2
+    var_x = cross.sum_exact_sq / n - (cross.sum_exact / n) ** 2
+    np.testing.assert_allclose(cov / var_x, eap.scale, atol=0.03)
+
+
+def test_invalid_configs_are_refused():
+    with pytest.raises(ValueError, match="n_exact"):
+        SimulationConfig(n_inputs=5, n_exact=6)
+    with pytest.raises(ValueError, match="df"):
+        SimulationConfig(heavy_tails=2.0)
+    with pytest.raises(ValueError, match="nothing to simulate"):
+        SimulationConfig(n_exact=0, methods={})
