@@ -1,0 +1,119 @@
+"""The fit output contract, and the one module that touches ArviZ's data layer.
+
+A fit directory holds (names in :mod:`bayescirc.schema`):
+
+- ``edges.parquet`` — one row per edge: ``edge``, ``inclusion_prob``,
+  ``effect_mean``, ``effect_sd``, ``effect_hdi_low``, ``effect_hdi_high``,
+  ``intrinsic_sd``, per-method approximation error columns and the variance
+  components; file metadata (key ``bayescirc``) carries ``hdi_prob``, the
+  inclusion rule and the scores file's metadata (model, task, metric).
+- ``posterior.nc`` — ArviZ InferenceData (netCDF, ``arviz.from_netcdf``). Its
+  ``posterior`` group has at least ``mu`` (chain, draw, edge): the edge's mean
+  effect, and ``inclusion`` (chain, draw, edge): the conditional probability
+  that the edge is in the slab given that draw's parameters (so drawing
+  ``Bernoulli(inclusion)`` per draw samples circuits). The ``edge`` coordinate
+  holds the edge names.
+- ``summary.json`` — diagnostics and the variance decomposition.
+
+ArviZ 0.23 (InferenceData) is what runs on Python 3.11; keeping every
+ArviZ call here means moving to ArviZ 1.x (DataTree) touches this module only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema
+from ._io import atomic_dir
+from .errors import BayescircError
+
+__all__ = ["FitResult", "load_fit", "stacked_draws"]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns and what a fit directory holds.
+
+    Attributes
+    ----------
+    idata : arviz.InferenceData
+        Posterior (``mu``, ``inclusion`` and the model's other sites), sample
+        stats, and the data the fit saw.
+    edges : DataFrame
+        One row per edge (see module docstring).
+    summary : dict
+        Diagnostics, variance decomposition, settings; what ``summary.json`` holds.
+    metadata : dict
+        ``hdi_prob``, inclusion rule, and the scores file's metadata.
+    """
+
+    idata: object
+    edges: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write ``edges.parquet``, ``posterior.nc`` and ``summary.json`` into ``directory`` (atomically)."""
+        directory = Path(directory)
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            table = pa.Table.from_pandas(self.edges, preserve_index=False)
+            table = table.replace_schema_metadata(
+                {schema.METADATA_KEY: json.dumps(self.metadata, sort_keys=True, default=str).encode()})
+            pq.write_table(table, tmp / schema.FIT_EDGES_FILE)
+            self.idata.to_netcdf(str(tmp / schema.FIT_POSTERIOR_FILE))
+            (tmp / schema.FIT_SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2, sort_keys=True, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> FitResult:
+        return load_fit(directory)
+
+    def draws(self, var: str) -> np.ndarray:
+        """Posterior draws of a per-edge variable as ``[n_draws, n_edges]`` (chains stacked)."""
+        return stacked_draws(self.idata, var)
+
+    @property
+    def edge_names(self) -> list[str]:
+        return [str(e) for e in self.idata.posterior[schema.DIM_EDGE].values]
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def load_fit(directory: str | os.PathLike) -> FitResult:
+    """Read a fit directory written by :meth:`FitResult.save`."""
+    import arviz as az
+
+    directory = Path(directory)
+    missing = [n for n in (schema.FIT_EDGES_FILE, schema.FIT_POSTERIOR_FILE, schema.FIT_SUMMARY_FILE)
+               if not (directory / n).exists()]
+    if missing:
+        raise BayescircError(f"{directory}: not a fit directory (missing {', '.join(missing)}). "
+                             "Create one with `bayescirc fit SCORES --out DIR`.")
+    table = pq.read_table(directory / schema.FIT_EDGES_FILE)
+    raw = (table.schema.metadata or {}).get(schema.METADATA_KEY)
+    metadata = json.loads(raw) if raw else {}
+    idata = az.from_netcdf(str(directory / schema.FIT_POSTERIOR_FILE))
+    summary = json.loads((directory / schema.FIT_SUMMARY_FILE).read_text())
+    return FitResult(idata=idata, edges=table.to_pandas(), summary=summary, metadata=metadata)
+
+
+def stacked_draws(idata, var: str) -> np.ndarray:
+    """Draws of ``posterior[var]`` as a ``[chain*draw, ...]`` array."""
+    if var not in idata.posterior:
+        raise BayescircError(f"the posterior has no variable {var!r} (it has {sorted(idata.posterior.data_vars)}).")
+    values = idata.posterior[var].values
+    return values.reshape(-1, *values.shape[2:])
