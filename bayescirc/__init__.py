@@ -14,7 +14,9 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it; imported on first use
+# public name -> module that defines it; imported on first use. A module never shares a
+# public function's name: importing a submodule binds its name on the package, which
+# would shadow the function (``bayescirc.simulate`` must stay the function).
 _EXPORTS = {
     "Graph": "graph",
     "parse_edge": "graph",
@@ -26,9 +28,11 @@ _EXPORTS = {
     "sufficient_statistics": "scores",
     "SufficientStats": "scores",
     "ScoresWriter": "scores",
-    "simulate": "simulate",
-    "SimulationConfig": "simulate",
-    "MethodError": "simulate",
+    "simulate": "simulation",
+    "SimulationConfig": "simulation",
+    "MethodError": "simulation",
+    "write_simulation": "simulation",
+    "read_truth": "simulation",
     "read_task": "tasks",
     "load_model": "bridge",
     "BayescircError": "errors",

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    from bayescirc.simulate import SimulationConfig, write_simulation
+    from bayescirc.simulation import SimulationConfig, write_simulation
 
     n_exact = args.inputs if args.exact_inputs is None else args.exact_inputs
     config = SimulationConfig(n_layers=args.layers, n_heads=args.heads, n_inputs=args.inputs, n_exact=n_exact, seed=0)

@@ -6,7 +6,7 @@ import pytest
 
 from bayescirc.graph import prune_to_paths
 from bayescirc.scores import read_scores, sufficient_statistics
-from bayescirc.simulate import MethodError, SimulationConfig, read_truth, simulate, truth_table, write_simulation
+from bayescirc.simulation import MethodError, SimulationConfig, read_truth, simulate, truth_table, write_simulation
 
 
 def test_same_seed_same_scores_other_seed_other_scores():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..simulate import MethodError, SimulationConfig, write_simulation
+from ..simulation import MethodError, SimulationConfig, write_simulation
 
 
 def _parse_method(value: str) -> tuple[str, MethodError]:
