@@ -175,8 +175,9 @@ def _labels(methods: list[str], ig_steps: int) -> dict[str, tuple[str, dict]]:
 
 def _settings_match(existing: dict, metadata: dict) -> bool:
     keys = ("model", "task", "metric", "methods", "n_inputs", "seed")
-    return all(existing.get(k) == metadata.get(k) for k in keys) and \
-        (existing.get("extra") or {}).get("collect") == (metadata.get("extra") or {}).get("collect")
+    old = (existing.get("extra") or {}).get("collect") or {}
+    new = (metadata.get("extra") or {}).get("collect") or {}
+    return all(existing.get(k) == metadata.get(k) for k in keys) and all(old.get(k) == v for k, v in new.items())
 
 
 def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "logit-diff", device: str = "auto",
