@@ -456,7 +456,7 @@ def test_a_loaded_hooked_transformer_scores_like_the_bridge(tiny_dir, model64, t
     sub = task.iloc[[0, 1]].reset_index(drop=True)
     a = collect(ht, sub, methods=["exact", "eap"], progress=False)
     b = collect(model64, sub, methods=["exact", "eap"], progress=False)
-    assert np.allclose(a.score, b.score, rtol=1e-6, atol=1e-9)
+    assert np.abs(a.score - b.score).max() < 1e-4 * np.abs(b.score).max(), np.abs(a.score - b.score).max()
 
 
 class _WithoutSplitQKV:
