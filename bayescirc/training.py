@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_model", "Examples", "encode_examples", "TrainResult",
-           "train", "sequence_loss", "save_model"]
+           "train", "sequence_loss", "save_model", "logit_differences"]
 
 #: Special tokens of every shipped tokenizer, in vocabulary order (ids 0..3).
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
@@ -137,7 +137,9 @@ def sequence_loss(model, examples: Examples):
     """Mean cross-entropy of the masked next-token targets (a scalar tensor)."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=examples.input_ids).logits[:, :-1]
+    # Right padding: real tokens never attend to it, the mask only tells transformers so.
+    attention_mask = (examples.input_ids != model.config.pad_token_id).long()
+    logits = model(input_ids=examples.input_ids, attention_mask=attention_mask).logits[:, :-1]
     targets = examples.input_ids[:, 1:]
     mask = examples.target_mask[:, 1:]
     return F.cross_entropy(logits[mask], targets[mask])
@@ -216,3 +218,36 @@ def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return directory
+
+
+def logit_differences(model, tokenizer, task, batch_size: int = 256):
+    """Per row of ``task``: logit of ``answer`` minus logit of ``distractor`` after ``<|bos|> clean``.
+
+    A quick check with the Hugging Face model (the tests check the same
+    through TransformerLens). Rows are batched by prompt length, so no padding
+    enters the forward pass. Returns a float numpy array in the task's order.
+    """
+    import numpy as np
+    import torch
+
+    prompts = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in task["clean"]]
+    answers = [tokenizer.encode(a, add_special_tokens=False) for a in task["answer"]]
+    distractors = [tokenizer.encode(d, add_special_tokens=False) for d in task["distractor"]]
+    bad = [i for i, (a, d) in enumerate(zip(answers, distractors)) if len(a) != 1 or len(d) != 1]
+    if bad:
+        raise ValueError(f"row {bad[0]}: answer and distractor must be single tokens of the tokenizer")
+    out = np.empty(len(prompts))
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    model.eval()
+    with torch.no_grad():
+        for rows in by_length.values():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                logits = model(input_ids=torch.tensor([prompts[i] for i in chunk])).logits[:, -1]
+                a = torch.tensor([answers[i][0] for i in chunk])
+                d = torch.tensor([distractors[i][0] for i in chunk])
+                diff = logits.gather(1, a[:, None]) - logits.gather(1, d[:, None])
+                out[chunk] = diff[:, 0].numpy()
+    return out
