@@ -34,7 +34,7 @@ from . import schema
 from .errors import BayescircError
 from .graph import INPUT, LOGITS, parse_edge, parse_node
 
-__all__ = ["CircuitSamples", "EdgeIndex", "parse_rule", "prune_masks", "sample_circuits", "jaccard_matrix"]
+__all__ = ["CircuitSamples", "EdgeIndex", "jaccard_matrix", "parse_rule", "prune_masks", "sample_circuits", "top_k_mask"]
 
 RULES = ("slab", "topk:K", "threshold:D")
 _CHUNK = 256  # draws per vectorised block: bounds memory at O(_CHUNK * edges)
@@ -392,19 +392,28 @@ def _check_prob(prob: float) -> None:
         raise BayescircError(f"probability {prob!r} must be in (0, 1].")
 
 
-def _select(kind: str, param, mu: np.ndarray | None, inclusion: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    if kind == "slab":
-        return rng.random(inclusion.shape, dtype=np.float32) < inclusion
-    magnitude = np.abs(mu)
-    if kind == "threshold":
-        return magnitude > param
-    k = min(int(param), magnitude.shape[1])
+def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``values`` ``[rows, edges]``, mark the ``k`` entries with the largest ``|value|``.
+
+    NaN counts as smallest; ties are broken arbitrarily (as EAP-IG's sort does).
+    """
+    magnitude = np.abs(np.atleast_2d(values))
+    magnitude = np.where(np.isnan(magnitude), -np.inf, magnitude)
+    k = min(int(k), magnitude.shape[1])
     out = np.zeros(magnitude.shape, dtype=bool)
-    if k == 0:
+    if k <= 0:
         return out
     top = np.argpartition(-magnitude, k - 1, axis=1)[:, :k]
     np.put_along_axis(out, top, True, axis=1)
     return out
+
+
+def _select(kind: str, param, mu: np.ndarray | None, inclusion: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    if kind == "slab":
+        return rng.random(inclusion.shape, dtype=np.float32) < inclusion
+    if kind == "threshold":
+        return np.abs(mu) > param
+    return top_k_mask(mu, param)
 
 
 def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0) -> CircuitSamples:
