@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pandas as pd
 
@@ -46,3 +48,18 @@ def four_draw_fit() -> FitResult:
     """
     inclusion = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 1], [0, 0, 1]], dtype=float)
     return make_fit(THREE_EDGES, inclusion=inclusion, mu=inclusion * 2.0)
+
+
+# Stand-in for the collector's patching: a linear toy where each edge adds a fixed amount to the metric.
+CONTRIBUTION = {A: 1.0, B: 1.0, C: 2.0}
+
+
+def fake_patching(calls):
+    def evaluate_circuits(model, task, circuits, *, metric, inputs, device, dtype, batch_size, progress):
+        calls.append({"circuits": [set(c) for c in circuits], "inputs": list(inputs), "metric": metric})
+        n = len(inputs)
+        corrupted = np.zeros(n)
+        clean = np.full(n, sum(CONTRIBUTION.values()))
+        values = np.array([[sum(CONTRIBUTION[e] for e in c)] * n for c in circuits])
+        return types.SimpleNamespace(input_ids=np.array(inputs), values=values, clean=clean, corrupted=corrupted)
+    return types.SimpleNamespace(evaluate_circuits=evaluate_circuits)

@@ -8,7 +8,6 @@ from bayescirc.circuits import EdgeIndex, jaccard_matrix, parse_rule, prune_mask
 from bayescirc.errors import BayescircError
 from bayescirc.graph import Graph, prune_to_paths
 
-
 # --- pruning -------------------------------------------------------------------------------------------
 
 

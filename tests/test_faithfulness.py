@@ -1,12 +1,11 @@
 """Faithfulness arithmetic on hand-computed arrays, and evaluate() end to end with a stand-in patcher."""
 
 import sys
-import types
 
 import numpy as np
 import pandas as pd
 import pytest
-from fitfixtures import A, B, C, four_draw_fit
+from fitfixtures import fake_patching, four_draw_fit
 
 from bayescirc.errors import BayescircError
 from bayescirc.faithfulness import evaluate, faithfulness, held_out_inputs, interval
@@ -54,21 +53,6 @@ def test_held_out_rows():
         held_out_inputs(5, 10, 7)
     with pytest.raises(BayescircError, match="within"):
         held_out_inputs("8:12", 10, 7)
-
-
-# Stand-in for the collector's patching: a linear toy where each edge adds a fixed amount to the metric.
-CONTRIBUTION = {A: 1.0, B: 1.0, C: 2.0}
-
-
-def fake_patching(calls):
-    def evaluate_circuits(model, task, circuits, *, metric, inputs, device, dtype, batch_size, progress):
-        calls.append({"circuits": [set(c) for c in circuits], "inputs": list(inputs), "metric": metric})
-        n = len(inputs)
-        corrupted = np.zeros(n)
-        clean = np.full(n, sum(CONTRIBUTION.values()))
-        values = np.array([[sum(CONTRIBUTION[e] for e in c)] * n for c in circuits])
-        return types.SimpleNamespace(input_ids=np.array(inputs), values=values, clean=clean, corrupted=corrupted)
-    return types.SimpleNamespace(evaluate_circuits=evaluate_circuits)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from fitfixtures import A, B, C, make_fit
 
+from bayescirc.circuits import EdgeIndex
 from bayescirc.errors import BayescircError
 from bayescirc.graph import prune_to_paths
 from bayescirc.stability_metrics import (
@@ -17,7 +18,6 @@ from bayescirc.stability_metrics import (
     stability,
     weighted_means,
 )
-from bayescirc.circuits import EdgeIndex
 
 EDGES = [A, B, C]  # input->m0, m0->logits, input->logits
 # Two inputs. Input 0 drives the path through m0, input 1 the direct path.
