@@ -164,9 +164,11 @@ def jaccard_matrix(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """
     a = np.atleast_2d(np.asarray(a, dtype=bool))
     b = a if b is None else np.atleast_2d(np.asarray(b, dtype=bool))
-    fa, fb = a.astype(np.float64), b.astype(np.float64)
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    # float32 counts are exact below 2**24 edges and make the product ~2x faster
+    dtype = np.float32 if a.shape[1] < 2**24 else np.float64
+    fa, fb = a.astype(dtype), b.astype(dtype)
+    inter = (fa @ fb.T).astype(np.float64)
+    union = a.sum(1, dtype=np.float64)[:, None] + b.sum(1, dtype=np.float64)[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         sim = np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
     return sim
