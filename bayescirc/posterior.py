@@ -84,6 +84,12 @@ class FitResult:
     def edge_names(self) -> list[str]:
         return [str(e) for e in self.idata.posterior[schema.DIM_EDGE].values]
 
+    def sample_circuits(self, n: int | None = None, rule: str = "slab", seed: int = 0):
+        """Sample circuits from this posterior; see :func:`bayescirc.circuits.sample_circuits`."""
+        from .circuits import sample_circuits
+
+        return sample_circuits(self, n=n, rule=rule, seed=seed)
+
 
 def _json_default(value):
     if isinstance(value, np.generic):

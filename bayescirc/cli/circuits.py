@@ -1,0 +1,70 @@
+"""`bayescirc circuits`: sample circuits from a fit's posterior and summarise them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command(name="circuits")
+@click.argument("fit_dir", type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, default=None,
+              help="Number of circuits to sample. [default: one per posterior draw, chains stacked]")
+@click.option("--rule", default="slab", show_default=True, metavar="slab|topk:K|threshold:D",
+              help="How a draw becomes a circuit: 'slab' draws each edge with its conditional inclusion "
+                   "probability; 'topk:K' takes the K edges with the largest |mu| in that draw; 'threshold:D' "
+                   "the edges with |mu| > D (metric units). Circuits are then pruned to input->logits paths.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (draw choice and Bernoulli indicators).")
+@click.option("--prob", default=0.95, show_default=True,
+              help="Probability of the credible core (edges in >= PROB of circuits) and superset.")
+@click.option("--top", default=5, show_default=True, help="How many of the most frequent distinct circuits to list.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Directory to write circuits.json (summary), edges.parquet (per-edge frequency and set "
+                   "membership), samples.parquet (tidy circuit, draw, edge) and summary.txt. [default: FIT_DIR/circuits]")
+@click.option("--export-json/--no-export-json", default=True, show_default=True,
+              help="Also write the median-probability circuit, with inclusion frequencies as edge scores, as "
+                   "median_circuit.json in the EAP-IG / MIB circuit JSON layout.")
+@click.option("--d-model", type=int, default=None,
+              help="Model width written into the EAP-IG JSON 'cfg' (only neuron-level EAP-IG code reads it). [default: 0]")
+def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
+    """Sample circuits from the posterior of FIT_DIR (written by `bayescirc fit`) and summarise them.
+
+    Each posterior draw gives one circuit, pruned to edges on a path from input
+    to logits. Reported: per-edge inclusion frequency, the median-probability
+    circuit (frequency > 0.5), the credible core and superset, the posterior of
+    circuit size, the expected Jaccard similarity between two posterior circuits
+    and the most frequent distinct circuits.
+
+    \b
+    Example:
+      bayescirc circuits fit/ --rule slab --out fit/circuits
+      bayescirc circuits fit/ --rule topk:50 --n 2000 --seed 1 --out circuits-top50/
+    """
+    from .._io import atomic_dir
+    from ..circuits import sample_circuits
+    from ..export import write_circuit_json
+
+    samples = sample_circuits(fit_dir, n=n, rule=rule, seed=seed)
+    out = Path(out) if out else Path(fit_dir) / "circuits"
+    summary = samples.summary(prob=prob, top=top)
+    top_table = samples.top_circuits(top)
+    summary["top_circuits"] = [{"rank": int(r.rank), "probability": float(r.probability), "size": int(r.size),
+                                "edges": list(r.edges)} for r in top_table.itertuples()]
+    summary["median_circuit"] = sorted(samples.median_circuit())
+    summary["credible_core"] = sorted(samples.credible_core(prob))
+    summary["credible_superset"] = sorted(samples.credible_superset(prob))
+    summary["size_distribution"] = {str(k): float(v) for k, v in samples.size_distribution().items()}
+    text = samples.to_text(prob=prob, top=top)
+    with atomic_dir(out) as tmp:
+        (tmp / "circuits.json").write_text(json.dumps(summary, indent=2))
+        samples.edge_table().to_parquet(tmp / "edges.parquet", index=False)
+        samples.table().to_parquet(tmp / "samples.parquet", index=False)
+        (tmp / "summary.txt").write_text(text + "\n")
+        if export_json:
+            write_circuit_json(tmp / "median_circuit.json", samples.median_circuit(), samples.frequency,
+                               d_model=d_model)
+    click.echo(text)
+    click.echo(f"\nwrote {out}/ (circuits.json, edges.parquet, samples.parquet, summary.txt"
+               + (", median_circuit.json)" if export_json else ")"))
