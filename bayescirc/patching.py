@@ -511,18 +511,20 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
         absent = engine.circuit_masks(circuits)
         n_total = sum(len(b) for b in batches)
         ids, values, clean, corrupted = [], [], [], []
-        size = batch_size or 256
+        size = batch_size or 64
         bar = _bar(progress, n_total * max(1, len(circuits)), "circuit runs")
         try:
             for batch in batches:
-                for start in range(0, len(batch), max(1, size // max(1, len(circuits)))):
-                    sub = batch.take(np.arange(start, min(len(batch), start + max(1, size // max(1, len(circuits))))))
+                per_pass = max(1, min(len(batch), size // max(1, len(circuits))))
+                for start in range(0, len(batch), per_pass):
+                    sub = batch.take(np.arange(start, min(len(batch), start + per_pass)))
                     run = engine.prepare(sub)
-                    parts = []
-                    for cs in _chunks(len(circuits), max(1, size // len(sub))):
-                        vals, size = backoff(lambda s, cs=cs: _circuit_chunk(engine, sub, run, absent[cs], s), size)
-                        parts.append(vals)
-                    values.append(torch.cat(parts, 0).cpu().double().numpy() if parts else np.zeros((0, len(sub))))
+
+                    def evaluate(rows, sub=sub, run=run):
+                        return _circuit_chunk(engine, sub, run, absent, rows)
+
+                    vals, size = backoff(evaluate, size)
+                    values.append(vals.cpu().double().numpy())
                     ids.append(sub.ids)
                     clean.append(run.clean_metric.cpu().double().numpy())
                     corrupted.append(run.corrupted_metric.cpu().double().numpy())
@@ -538,8 +540,11 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
     )
 
 
-def _circuit_chunk(engine: Engine, batch: Batch, run: Run, absent: torch.Tensor, size: int) -> torch.Tensor:
-    per = max(1, size // len(batch))
+def _circuit_chunk(engine: Engine, batch: Batch, run: Run, absent: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[C, B]`` metric values, at most ``rows`` (circuit x input) runs per forward pass."""
+    per = max(1, rows // len(batch))
+    if absent.shape[0] == 0:
+        return torch.zeros(0, len(batch), dtype=engine.dtype, device=engine.device)
     return torch.cat([engine.circuit_values(batch, run, absent[sl]) for sl in _chunks(absent.shape[0], per)], 0)
 
 

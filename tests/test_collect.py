@@ -443,8 +443,8 @@ def test_a_loaded_hooked_transformer_scores_like_the_bridge(tiny_dir, model64, t
         tl.HookedTransformer  # noqa: B018
     except (ImportError, AttributeError):
         pytest.skip("HookedTransformer exists on TransformerLens 3.x only")
-    from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64)
     c = hf.config

@@ -65,9 +65,9 @@ def command(model, task, methods, out, metric, device, dtype, batch_size, ig_ste
     table = collect(model, task, methods=methods, out=out, metric=metric, device=device, dtype=dtype,
                     batch_size=batch_size, ig_steps=ig_steps, exact_inputs=exact_inputs, n_inputs=n_inputs, seed=seed,
                     shard=shard, progress=not quiet)
-    from ..collection import parse_shard, part_path
-
     from pathlib import Path
+
+    from ..collection import parse_shard, part_path
 
     parsed = parse_shard(shard) or ((1, 1) if Path(out).is_dir() else None)
     target = part_path(out, parsed) if parsed else out
