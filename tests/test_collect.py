@@ -187,6 +187,7 @@ def test_linear_limit_exact_over_eap_tends_to_one(model64, task):
             ratio = exact[big] / (eps * eap[big])
             assert torch.allclose(ratio, torch.ones_like(ratio), atol=tol), (eps, ratio)
             run.corr_out = run.clean_out + (run.corr_out - run.clean_out) / eps
+        assert engine._direct  # blocks ran one by one from the cached residual (the fast path), not full passes
 
 
 def test_ig_variants_relate_as_eap_ig_defines_them(model64, task):
@@ -455,6 +456,11 @@ def test_a_loaded_hooked_transformer_scores_like_the_bridge(tiny_dir, model64, t
     ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
     sub = task.iloc[[0, 1]].reset_index(drop=True)
     a = collect(ht, sub, methods=["exact", "eap"], progress=False)
+    with scoring_mode(ht) as graph:
+        engine = Engine(ht, graph)
+        (batch,), _ = prepare_inputs(ht, sub.iloc[[0]])
+        engine.exact_scores(batch, engine.prepare(batch, resid=True))
+        assert engine._direct
     b = collect(model64, sub, methods=["exact", "eap"], progress=False)
     assert np.abs(a.score - b.score).max() < 1e-4 * np.abs(b.score).max(), np.abs(a.score - b.score).max()
 
