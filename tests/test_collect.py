@@ -482,3 +482,15 @@ class _WithoutSplitQKV:
 def test_a_model_lacking_per_head_hooks_gets_a_model_error(model64, task):
     with pytest.raises(ModelError, match=r"lacks .*hook_k_input"):
         collect(_WithoutSplitQKV(model64), task, progress=False)
+
+
+def test_bfloat16_models_score_like_float32(tiny_dir, task):
+    """Half precision runs (scores and metrics are kept in float32) and agrees with float32 to bf16 accuracy."""
+    sub = task.iloc[[0, 1]].reset_index(drop=True)
+    half = collect(str(tiny_dir), sub, methods=["exact", "eap"], device="cpu", dtype="bfloat16", progress=False)
+    full = collect(str(tiny_dir), sub, methods=["exact", "eap"], device="cpu", progress=False)
+    assert half.score.dtype == np.float32
+    for method in ("exact", "eap"):
+        x = half[half.method == method].score.to_numpy()
+        y = full[full.method == method].score.to_numpy()
+        assert np.corrcoef(x, y)[0, 1] > 0.97
