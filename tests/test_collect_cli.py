@@ -56,6 +56,9 @@ def test_collect_shards_into_a_directory(tiny, tmp_path):
         assert result.exit_code == 0, result.output
         assert f"part-{k}-of-2.parquet" in result.output
     assert sorted(read_scores(out).input_id.unique()) == list(range(len(tiny_task_rows())))
+    result = CliRunner().invoke(cli, ["collect", "--model", str(model), "--task", str(task), "--methods", "eap",
+                                      "--out", str(out), "--shard", "2/2", "--quiet"])
+    assert result.exit_code == 0 and "part-2-of-2.parquet is already complete" in result.output
 
 
 def test_collect_errors_are_one_line(tiny, tmp_path):

@@ -59,17 +59,19 @@ def command(model, task, methods, out, metric, device, dtype, batch_size, ig_ste
       bayescirc collect --model gpt2 --task ioi.jsonl --exact-inputs 50 --device cuda --out s.parquet
       bayescirc collect --task ioi.jsonl --shard 2/4 --out parts/   # 4 jobs, then read parts/ as one table
     """
-    from ..collection import collect, default_model
+    from pathlib import Path
 
+    from ..collection import collect, default_model, parse_shard, part_path
+
+    parsed = parse_shard(shard) or ((1, 1) if Path(out).is_dir() else None)
+    target = part_path(out, parsed) if parsed else Path(out)
+    resumed = parsed is not None and target.exists()
     model = model if model is not None else default_model()
     table = collect(model, task, methods=methods, out=out, metric=metric, device=device, dtype=dtype,
                     batch_size=batch_size, ig_steps=ig_steps, exact_inputs=exact_inputs, n_inputs=n_inputs, seed=seed,
                     shard=shard, progress=not quiet)
-    from pathlib import Path
-
-    from ..collection import parse_shard, part_path
-
-    parsed = parse_shard(shard) or ((1, 1) if Path(out).is_dir() else None)
-    target = part_path(out, parsed) if parsed else out
+    if resumed:
+        click.echo(f"{target} is already complete ({len(table):,} scores): skipped (resume)")
+        return
     click.echo(f"wrote {len(table):,} scores ({table['input_id'].nunique()} inputs x {table['edge'].nunique()} edges x "
                f"{table['method'].nunique()} methods) to {target}")
