@@ -494,3 +494,23 @@ def test_bfloat16_models_score_like_float32(tiny_dir, task):
         x = half[half.method == method].score.to_numpy()
         y = full[full.method == method].score.to_numpy()
         assert np.corrcoef(x, y)[0, 1] > 0.97
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_scores(model64, task, monkeypatch):
+    reference = collect(model64, task, methods=["exact", "eap"], batch_size=2, progress=False)
+    original = Engine.prepare
+    seen = []
+
+    def prepare(self, batch, **kwargs):
+        seen.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(Engine, "prepare", prepare)
+    got = collect(model64, task, methods=["exact", "eap"], batch_size=8, progress=False)
+    assert seen[:3] == [6, 4, 2]  # 6 inputs of the first length: 8 -> 6 fails, 4 fails, then 2 at a time
+    pd.testing.assert_frame_equal(got, reference)
+    monkeypatch.setattr(Engine, "prepare", lambda self, batch, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
+        collect(model64, task, methods=["eap"], progress=False)
