@@ -41,7 +41,7 @@ def test_collect_writes_scores_that_read_back(tiny, tmp_path):
     # on 6 qkv inputs + 6 into m1; logits receive 7
     n_edges = 6 + 3 + 24 + 6 + 7
     assert len(table) == n_edges * (4 + 2)
-    assert f"{len(table):,} scores" in result.output
+    assert f"wrote {len(table):,} scores (inputs 0..3, {n_edges} edges, methods eap, exact)" in result.output
     meta = read_metadata(out)
     assert meta["seed"] == 7 and meta["metric"] == "logit-diff" and set(meta["methods"]) == {"exact", "eap"}
     assert np.isfinite(table.score).all()
