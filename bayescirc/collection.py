@@ -182,7 +182,8 @@ def _settings_match(existing: dict, metadata: dict) -> bool:
 
 def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "logit-diff", device: str = "auto",
             dtype=None, batch_size: int | None = None, ig_steps: int = DEFAULT_IG_STEPS, exact_inputs: int | None = None,
-            n_inputs: int | None = None, seed: int = 0, shard=None, progress: bool = True) -> pd.DataFrame:
+            n_inputs: int | None = None, seed: int = 0, shard=None, progress: bool = True,
+            return_table: bool = True) -> pd.DataFrame | None:
     """Score every edge of ``model`` on every input of ``task``; return (and write) the scores table.
 
     Parameters
@@ -217,10 +218,14 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         an existing part with the same settings is complete and is skipped (resume).
     progress : bool, default True
         tqdm bar in edges x inputs.
+    return_table : bool, default True
+        With ``out``, False skips reading the written table back and returns None
+        (very large runs: the file is the result).
 
     Returns
     -------
-    DataFrame in the scores schema v1 plus ``clean_metric`` and ``corrupted_metric``.
+    DataFrame in the scores schema v1 plus ``clean_metric`` and ``corrupted_metric``
+    (None when ``return_table`` is False and ``out`` is given).
     """
     import torch
 
@@ -267,7 +272,7 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         if not _settings_match(existing, metadata):
             raise BayescircError(f"{target} exists with other settings (model, task, metric, methods, inputs or seed); "
                                  "delete it or choose another --out to collect anew.")
-        return read_scores(target)
+        return read_scores(target) if return_table else None
 
     torch.manual_seed(seed)
     loaded = load_model(model, device=device, dtype=dtype)
@@ -319,7 +324,7 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         if writer is not None:
             writer.__exit__(None, None, None)
     if target is not None:
-        return read_scores(target)
+        return read_scores(target) if return_table else None
     frame = pd.concat(frames, ignore_index=True)
     for col in (schema.EDGE, schema.METHOD):
         frame[col] = frame[col].astype("category")

@@ -142,6 +142,8 @@ class Engine:
         self.edge_layer = np.array([self.L if i.receiver_layer is None else i.receiver_layer for i in infos])
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # scores and metrics in float32 at least: half-precision sums over positions x d_model lose digits
+        self.score_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._direct = None  # whether blocks can be run one by one from a residual (checked once)
 
     # --- hooks ---------------------------------------------------------------------------
@@ -170,7 +172,7 @@ class Engine:
         return logits[:, -1]
 
     def _metric(self, logits, batch: Batch, clean_logprobs):
-        return self.metric(logits, batch.answer, batch.distractor, clean_logprobs)
+        return self.metric(logits.to(self.score_dtype), batch.answer, batch.distractor, clean_logprobs)
 
     # --- clean / corrupted runs ------------------------------------------------------------
 
@@ -190,12 +192,12 @@ class Engine:
             hooks.append((f"blocks.{self.L - 1}.hook_resid_post", keep("final")))
         if grads:
             grad, logits, value = self._gradient_pass(batch, batch.clean, None, extra_hooks=hooks)
-            clean_logprobs = logits.log_softmax(-1)
+            clean_logprobs = logits.to(self.score_dtype).log_softmax(-1)
             clean_metric = value
         else:
             with torch.no_grad():
                 logits = self._forward(batch.clean, hooks)
-            clean_logprobs = logits.log_softmax(-1)
+            clean_logprobs = logits.to(self.score_dtype).log_softmax(-1)
             clean_metric = self._metric(logits, batch, clean_logprobs)
             grad = None
         with torch.no_grad():
@@ -248,7 +250,7 @@ class Engine:
             hooks.append((name, lambda x, hook, value=value: value))
         with torch.enable_grad():
             logits = self._forward(tokens, hooks)
-            reference = logits.detach().log_softmax(-1) if clean_logprobs is None else clean_logprobs
+            reference = logits.detach().to(self.score_dtype).log_softmax(-1) if clean_logprobs is None else clean_logprobs
             value = self._metric(logits, batch, reference)
             grads = torch.autograd.grad(value.sum(), zeros, allow_unused=True)
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zeros)]  # cut off by an override
@@ -257,7 +259,7 @@ class Engine:
 
     def _edge_scores(self, diff: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """``[B, edge]``: ``diff[source] . grads[slot]`` summed over positions and d_model."""
-        full = torch.einsum("bpsd,bprd->bsr", diff, grads)
+        full = torch.einsum("bpsd,bprd->bsr", diff.to(self.score_dtype), grads.to(self.score_dtype))
         src = torch.as_tensor(self.edge_src, device=full.device)
         slot = torch.as_tensor(self.edge_slot, device=full.device)
         return full[:, src, slot]
@@ -325,7 +327,7 @@ class Engine:
         """Exact scores ``[B, edge]``: patched metric minus clean metric, ``rows`` patched runs per pass."""
         direct = self._check_direct(batch, run)
         B = len(batch)
-        out = torch.empty(B, len(self.edges), device=self.device, dtype=self.dtype)
+        out = torch.empty(B, len(self.edges), device=self.device, dtype=self.score_dtype)
         diff = run.diff
         for layer in range(self.L + 1):
             edge_ids = np.flatnonzero(self.edge_layer == layer)
@@ -511,18 +513,20 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
         absent = engine.circuit_masks(circuits)
         n_total = sum(len(b) for b in batches)
         ids, values, clean, corrupted = [], [], [], []
-        size = batch_size or 256
+        size = batch_size or 64
         bar = _bar(progress, n_total * max(1, len(circuits)), "circuit runs")
         try:
             for batch in batches:
-                for start in range(0, len(batch), max(1, size // max(1, len(circuits)))):
-                    sub = batch.take(np.arange(start, min(len(batch), start + max(1, size // max(1, len(circuits))))))
+                per_pass = max(1, min(len(batch), size // max(1, len(circuits))))
+                for start in range(0, len(batch), per_pass):
+                    sub = batch.take(np.arange(start, min(len(batch), start + per_pass)))
                     run = engine.prepare(sub)
-                    parts = []
-                    for cs in _chunks(len(circuits), max(1, size // len(sub))):
-                        vals, size = backoff(lambda s, cs=cs: _circuit_chunk(engine, sub, run, absent[cs], s), size)
-                        parts.append(vals)
-                    values.append(torch.cat(parts, 0).cpu().double().numpy() if parts else np.zeros((0, len(sub))))
+
+                    def evaluate(rows, sub=sub, run=run):
+                        return _circuit_chunk(engine, sub, run, absent, rows)
+
+                    vals, size = backoff(evaluate, size)
+                    values.append(vals.cpu().double().numpy())
                     ids.append(sub.ids)
                     clean.append(run.clean_metric.cpu().double().numpy())
                     corrupted.append(run.corrupted_metric.cpu().double().numpy())
@@ -538,8 +542,11 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
     )
 
 
-def _circuit_chunk(engine: Engine, batch: Batch, run: Run, absent: torch.Tensor, size: int) -> torch.Tensor:
-    per = max(1, size // len(batch))
+def _circuit_chunk(engine: Engine, batch: Batch, run: Run, absent: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[C, B]`` metric values, at most ``rows`` (circuit x input) runs per forward pass."""
+    per = max(1, rows // len(batch))
+    if absent.shape[0] == 0:
+        return torch.zeros(0, len(batch), dtype=engine.dtype, device=engine.device)
     return torch.cat([engine.circuit_values(batch, run, absent[sl]) for sl in _chunks(absent.shape[0], per)], 0)
 
 

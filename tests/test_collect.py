@@ -187,6 +187,7 @@ def test_linear_limit_exact_over_eap_tends_to_one(model64, task):
             ratio = exact[big] / (eps * eap[big])
             assert torch.allclose(ratio, torch.ones_like(ratio), atol=tol), (eps, ratio)
             run.corr_out = run.clean_out + (run.corr_out - run.clean_out) / eps
+        assert engine._direct  # blocks ran one by one from the cached residual (the fast path), not full passes
 
 
 def test_ig_variants_relate_as_eap_ig_defines_them(model64, task):
@@ -443,8 +444,8 @@ def test_a_loaded_hooked_transformer_scores_like_the_bridge(tiny_dir, model64, t
         tl.HookedTransformer  # noqa: B018
     except (ImportError, AttributeError):
         pytest.skip("HookedTransformer exists on TransformerLens 3.x only")
-    from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64)
     c = hf.config
@@ -455,6 +456,11 @@ def test_a_loaded_hooked_transformer_scores_like_the_bridge(tiny_dir, model64, t
     ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
     sub = task.iloc[[0, 1]].reset_index(drop=True)
     a = collect(ht, sub, methods=["exact", "eap"], progress=False)
+    with scoring_mode(ht) as graph:
+        engine = Engine(ht, graph)
+        (batch,), _ = prepare_inputs(ht, sub.iloc[[0]])
+        engine.exact_scores(batch, engine.prepare(batch, resid=True))
+        assert engine._direct
     b = collect(model64, sub, methods=["exact", "eap"], progress=False)
     assert np.abs(a.score - b.score).max() < 1e-4 * np.abs(b.score).max(), np.abs(a.score - b.score).max()
 
@@ -476,3 +482,98 @@ class _WithoutSplitQKV:
 def test_a_model_lacking_per_head_hooks_gets_a_model_error(model64, task):
     with pytest.raises(ModelError, match=r"lacks .*hook_k_input"):
         collect(_WithoutSplitQKV(model64), task, progress=False)
+
+
+def test_bfloat16_models_score_like_float32(tiny_dir, task):
+    """Half precision runs (scores and metrics are kept in float32) and agrees with float32 to bf16 accuracy."""
+    sub = task.iloc[[0, 1]].reset_index(drop=True)
+    half = collect(str(tiny_dir), sub, methods=["exact", "eap"], device="cpu", dtype="bfloat16", progress=False)
+    full = collect(str(tiny_dir), sub, methods=["exact", "eap"], device="cpu", progress=False)
+    assert half.score.dtype == np.float32
+    for method in ("exact", "eap"):
+        x = half[half.method == method].score.to_numpy()
+        y = full[full.method == method].score.to_numpy()
+        assert np.corrcoef(x, y)[0, 1] > 0.97
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_scores(model64, task, monkeypatch):
+    reference = collect(model64, task, methods=["exact", "eap"], batch_size=2, progress=False)
+    original = Engine.prepare
+    seen = []
+
+    def prepare(self, batch, **kwargs):
+        seen.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(Engine, "prepare", prepare)
+    got = collect(model64, task, methods=["exact", "eap"], batch_size=8, progress=False)
+    assert seen[:3] == [6, 4, 2]  # 6 inputs of the first length: 8 -> 6 fails, 4 fails, then 2 at a time
+    pd.testing.assert_frame_equal(got, reference)
+    monkeypatch.setattr(Engine, "prepare", lambda self, batch, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
+        collect(model64, task, methods=["eap"], progress=False)
+
+
+def _hf_last_block_patched(hf, tokens, delta, kind, head=None):
+    """Logits at the last position of a 2-layer HF GPT-2 whose block 1 gets ``delta`` on one input.
+
+    Written from the Hugging Face modules alone (no TransformerLens): ``kind`` is
+    ``q``, ``k`` or ``v`` (only head ``head`` reads ``x + delta``) or ``mlp``
+    (only the MLP reads ``resid_mid + delta``); ``None`` is the clean run.
+    """
+    h = hf.transformer.drop(hf.transformer.wte(tokens) + hf.transformer.wpe(torch.arange(tokens.shape[1])))
+    h = hf.transformer.h[0](h)
+    h = h[0] if isinstance(h, tuple) else h
+    block = hf.transformer.h[1]
+    D = hf.config.n_embd
+    H = hf.config.n_head
+    dh = D // H
+    W, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+
+    def proj(x, i):  # [pos, D] -> [H, pos, dh]
+        return (block.ln_1(x) @ W[:, i * D:(i + 1) * D] + b[i * D:(i + 1) * D]).view(-1, H, dh).transpose(0, 1)
+
+    x = h[0]
+    q, k, v = proj(x, 0), proj(x, 1), proj(x, 2)
+    if kind in ("q", "k", "v"):
+        patched = proj(x + delta, "qkv".index(kind))
+        {"q": q, "k": k, "v": v}[kind][head] = patched[head]
+    pos = x.shape[0]
+    scores = q @ k.transpose(-1, -2) / dh**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(pos, pos, dtype=torch.bool), 1), float("-inf"))
+    z = (scores.softmax(-1) @ v).transpose(0, 1).reshape(pos, D)
+    mid = x + block.attn.c_proj(z)
+    post = mid + block.mlp(block.ln_2(mid + (delta if kind == "mlp" else 0)))
+    return hf.lm_head(hf.transformer.ln_f(post))[-1]
+
+
+@pytest.mark.parametrize("edge", ["m0->a1.h1<q>", "m0->a1.h0<k>", "input->a1.h3<v>", "m0->a1.h2<v>", "m0->m1"])
+def test_exact_patch_semantics_against_plain_hugging_face(tiny_dir, model64, task, edge):
+    """The patch each receiver hook applies, rebuilt from the Hugging Face modules without TransformerLens."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    row = task.iloc[0]
+    clean, corrupted, a, d = _inputs(model64, row)
+    info = parse_edge(edge)
+    with torch.no_grad():
+        if info.source == "input":
+            delta = (hf.transformer.wte(corrupted) - hf.transformer.wte(clean))[0]
+        else:  # m0: the first block's MLP output, from Hugging Face's block output minus its residual input
+
+            def mlp0(tokens):
+                x = hf.transformer.wte(tokens) + hf.transformer.wpe(torch.arange(tokens.shape[1]))
+                blk = hf.transformer.h[0]
+                mid = x + blk.attn(blk.ln_1(x))[0]
+                return blk.mlp(blk.ln_2(mid))[0]
+
+            delta = mlp0(corrupted) - mlp0(clean)
+        kind = info.qkv or "mlp"
+        base = _hf_last_block_patched(hf, clean, None, None)
+        patched = _hf_last_block_patched(hf, clean, delta, kind, info.receiver_head)
+    expected = (patched[a] - patched[d] - base[a] + base[d]).item()
+    got = collect(model64, task.iloc[[0]], methods=["exact"], progress=False).set_index("edge").loc[edge, "score"]
+    assert abs(expected) > 1e-4
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-10)

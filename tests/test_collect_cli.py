@@ -41,7 +41,7 @@ def test_collect_writes_scores_that_read_back(tiny, tmp_path):
     # on 6 qkv inputs + 6 into m1; logits receive 7
     n_edges = 6 + 3 + 24 + 6 + 7
     assert len(table) == n_edges * (4 + 2)
-    assert f"{len(table):,} scores" in result.output
+    assert f"wrote {len(table):,} scores (inputs 0..3, {n_edges} edges, methods eap, exact)" in result.output
     meta = read_metadata(out)
     assert meta["seed"] == 7 and meta["metric"] == "logit-diff" and set(meta["methods"]) == {"exact", "eap"}
     assert np.isfinite(table.score).all()
@@ -56,6 +56,9 @@ def test_collect_shards_into_a_directory(tiny, tmp_path):
         assert result.exit_code == 0, result.output
         assert f"part-{k}-of-2.parquet" in result.output
     assert sorted(read_scores(out).input_id.unique()) == list(range(len(tiny_task_rows())))
+    result = CliRunner().invoke(cli, ["collect", "--model", str(model), "--task", str(task), "--methods", "eap",
+                                      "--out", str(out), "--shard", "2/2", "--quiet"])
+    assert result.exit_code == 0 and "part-2-of-2.parquet is already complete" in result.output
 
 
 def test_collect_errors_are_one_line(tiny, tmp_path):

@@ -16,8 +16,13 @@ WORDS = ["When", "and", "went", "to", "the", "store", "park", "gave", "a", "drin
 SPECIAL = ["<|endoftext|>", "<unk>", "<pad>"]
 
 
-def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_model: int = 32, seed: int = 0) -> Path:
-    """Write a random GPT-2 (``n_layers`` x ``n_heads``, ``d_model``) and its tokenizer to ``path``."""
+def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_model: int = 32, seed: int = 0,
+                    vocab_size: int | None = None, n_positions: int = 64) -> Path:
+    """Write a random GPT-2 (``n_layers`` x ``n_heads``, ``d_model``) and its tokenizer to ``path``.
+
+    ``vocab_size`` larger than the tokenizer's vocabulary gives the model unused
+    rows (e.g. 50257 to cost what GPT-2's embedding and unembedding cost).
+    """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -30,7 +35,7 @@ def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_mod
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<unk>", pad_token="<pad>")
     fast.save_pretrained(path)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+    config = GPT2Config(vocab_size=max(len(vocab), vocab_size or 0), n_positions=n_positions, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
                         bos_token_id=0, eos_token_id=0, pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0)
     torch.manual_seed(seed)
@@ -38,7 +43,7 @@ def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_mod
     with torch.no_grad():  # larger random weights than GPT-2's init, so effects are not tiny
         for name, param in model.named_parameters():
             if param.ndim >= 2:
-                param.normal_(0.0, 0.3)
+                param.normal_(0.0, 0.3 * (32 / d_model) ** 0.5)
             elif "ln" not in name:
                 param.normal_(0.0, 0.1)
     model.save_pretrained(path)

@@ -59,17 +59,27 @@ def command(model, task, methods, out, metric, device, dtype, batch_size, ig_ste
       bayescirc collect --model gpt2 --task ioi.jsonl --exact-inputs 50 --device cuda --out s.parquet
       bayescirc collect --task ioi.jsonl --shard 2/4 --out parts/   # 4 jobs, then read parts/ as one table
     """
-    from ..collection import collect, default_model
-
-    model = model if model is not None else default_model()
-    table = collect(model, task, methods=methods, out=out, metric=metric, device=device, dtype=dtype,
-                    batch_size=batch_size, ig_steps=ig_steps, exact_inputs=exact_inputs, n_inputs=n_inputs, seed=seed,
-                    shard=shard, progress=not quiet)
-    from ..collection import parse_shard, part_path
-
     from pathlib import Path
 
+    from ..collection import collect, default_model, parse_shard, part_path
+
     parsed = parse_shard(shard) or ((1, 1) if Path(out).is_dir() else None)
-    target = part_path(out, parsed) if parsed else out
-    click.echo(f"wrote {len(table):,} scores ({table['input_id'].nunique()} inputs x {table['edge'].nunique()} edges x "
-               f"{table['method'].nunique()} methods) to {target}")
+    target = part_path(out, parsed) if parsed else Path(out)
+    resumed = parsed is not None and target.exists()
+    model = model if model is not None else default_model()
+    collect(model, task, methods=methods, out=out, metric=metric, device=device, dtype=dtype,
+                    batch_size=batch_size, ig_steps=ig_steps, exact_inputs=exact_inputs, n_inputs=n_inputs, seed=seed,
+                    shard=shard, progress=not quiet, return_table=False)
+    import pyarrow.parquet as pq
+
+    from ..scores import read_metadata
+
+    rows = pq.ParquetFile(target).metadata.num_rows
+    meta = read_metadata(target)
+    info = (meta.get("extra") or {}).get("collect") or {}
+    span = info.get("input_ids") or [0, 0]
+    if resumed:
+        click.echo(f"{target} is already complete ({rows:,} scores): skipped (resume)")
+        return
+    click.echo(f"wrote {rows:,} scores (inputs {span[0]}..{span[1] - 1}, {info.get('n_edges', '?'):,} edges, "
+               f"methods {', '.join(meta.get('methods') or [])}) to {target}")
