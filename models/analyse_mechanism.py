@@ -7,11 +7,13 @@ Loads the shipped model through TransformerLens (``bridge.load_model``), reads
 its ``task.jsonl`` and prints
 
 1. per head, the mean attention from the key query positions to the positions
-   the mechanism is about (IOI: from the last token to the indirect object
-   IO and the subject S1/S2, and from S2 to S1; induction: from the last token
+   the mechanism is about (IOI: from the last token to the indirect object IO
+   and the subject S1/S2, from S2 to S1, and in the ABC prompt from the last
+   token to the third name C that replaced S2; induction: from the last token
    to the token after the previous occurrence of the current one, and from
    that token to its predecessor);
-2. accuracy and mean logit difference with heads mean-ablated (means over the
+2. each head's direct effect on the answer and distractor logits;
+3. accuracy and mean logit difference with heads mean-ablated (means over the
    task's corrupted prompts, at every position after BOS): none, each head
    alone, the heads the card names, and all the other heads.
 """
@@ -23,13 +25,14 @@ import argparse
 import pandas as pd
 import torch
 
-from bayescirc.ablation import ablation_table, attention_to
+from bayescirc.ablation import ablation_table, attention_to, direct_logit_attribution
 from bayescirc.bridge import load_model, shipped_model
 from bayescirc.tasks import read_task
 
 # The heads each card names, as (layer, head).
 CLAIMED = {
-    "ioi-toy": {},
+    "ioi-toy": {"candidate copiers (layer 0)": [(0, 0), (0, 1), (0, 2), (0, 3)],
+                "subject inhibitors (layer 1)": [(1, 0), (1, 1), (1, 2), (1, 3)]},
     "induction": {},
 }
 
@@ -59,6 +62,7 @@ def _positions(model, task: pd.DataFrame, name: str):
             keys["S2->S1"].append(s_pos[0])
             s2_query.append(s_pos[-1])
         return {"end": (query, {k: v for k, v in keys.items() if k.startswith("end")}),
+                "end (ABC)": (query, {"ABC: end->C": keys["end->S2"]}),
                 "S2": (s2_query, {"S2->S1": keys["S2->S1"]})}
     # induction: the clean prompt is prefix + seq + seq[:k]; the answer seq[k] followed seq[k-1] before.
     ans_query, ans_key, prev_key = [], [], []
@@ -78,7 +82,8 @@ def main(name: str, n: int | None) -> None:
     model = load_model(shipped_model(name), device="cpu")
     task = read_task(shipped_model(name) / "task.jsonl", n_inputs=n)
     prompts = list(task.clean)
-    tables = [attention_to(model, prompts, query, keys) for query, keys in _positions(model, task, name).values()]
+    tables = [attention_to(model, list(task.corrupted) if "ABC" in label else prompts, query, keys)
+              for label, (query, keys) in _positions(model, task, name).items()]
     attention = tables[0]
     for extra in tables[1:]:
         attention = attention.merge(extra, on=["layer", "head"])
@@ -90,9 +95,12 @@ def main(name: str, n: int | None) -> None:
     groups = {"none": []}
     groups.update({f"a{layer}.h{head}": [(layer, head)] for layer, head in heads})
     groups.update(claimed)
-    if named:
+    others = [h for h in heads if h not in named]
+    if named and others:
         groups["all named heads"] = named
-        groups["all other heads"] = [h for h in heads if h not in named]
+        groups["all other heads"] = others
+    print(f"\n## {name}: direct logit attribution at the last position (mean over prompts)\n")
+    print(_markdown(direct_logit_attribution(model, task)))
     print(f"\n## {name}: mean-ablation (chance accuracy = 0.5)\n")
     print(_markdown(ablation_table(model, task, groups)))
 
