@@ -65,7 +65,8 @@ def head_means(model, prompts: Sequence[str], batch_size: int = 128) -> dict[int
     return {layer: (sums[layer] / count).float().cpu().numpy() for layer in layers}
 
 
-def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
+def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray], positions=None):
+    """Forward hooks putting ``means`` into the heads' ``hook_z``: after BOS, or at ``positions`` (one per row)."""
     import torch
 
     by_layer: dict[int, list[int]] = {}
@@ -77,7 +78,11 @@ def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
 
         def hook(z, hook=None, idx=idx, value=value):
             z = z.clone()
-            z[:, 1:, idx] = value.to(z.dtype)
+            if positions is None:
+                z[:, 1:, idx] = value.to(z.dtype)
+            else:
+                rows = torch.arange(z.shape[0])[:, None]
+                z[rows, torch.as_tensor(positions)[:, None], torch.as_tensor(idx)[None, :]] = value.to(z.dtype)
             return z
 
         hooks.append((_z_hook(layer), hook))
@@ -85,7 +90,7 @@ def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
 
 
 def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int, np.ndarray] | None = None,
-                batch_size: int = 128) -> np.ndarray:
+                positions: Sequence[int] | None = None, batch_size: int = 128) -> np.ndarray:
     """Logit of the answer minus logit of the distractor at the clean prompt's last position, per row.
 
     Parameters
@@ -96,6 +101,9 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
         Heads whose ``hook_z`` is replaced by ``means`` at every position after BOS.
     means : {layer: array [head, d_head]}, optional
         From :func:`head_means`; by default the mean over the task's corrupted prompts.
+    positions : sequence of int, optional
+        Ablate only at this token position of each row (BOS = 0, -1 = last);
+        by default at every position after BOS.
 
     Returns
     -------
@@ -107,7 +115,6 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
     ablate = list(ablate)
     if ablate and means is None:
         means = head_means(model, list(task.corrupted), batch_size)
-    hooks = _ablation_hooks(ablate, means) if ablate else []
     prompts = list(task.clean)
     answers = [_single_token(model, a, i, "answer") for i, a in enumerate(task.answer)]
     distractors = [_single_token(model, d, i, "distractor") for i, d in enumerate(task.distractor)]
@@ -117,6 +124,8 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 tokens = model.to_tokens([prompts[i] for i in chunk])
+                where = None if positions is None else [positions[i] % tokens.shape[1] for i in chunk]
+                hooks = _ablation_hooks(ablate, means, where) if ablate else []
                 logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1]
                 a = logits[torch.arange(len(chunk)), torch.tensor([answers[i] for i in chunk])]
                 d = logits[torch.arange(len(chunk)), torch.tensor([distractors[i] for i in chunk])]

@@ -15,7 +15,9 @@ its ``task.jsonl`` and prints
 2. each head's direct effect on the answer and distractor logits;
 3. accuracy and mean logit difference with heads mean-ablated (means over the
    task's corrupted prompts, at every position after BOS): none, each head
-   alone, the heads the card names, and all the other heads.
+   alone, the heads the card names, and all the other heads; then each named
+   group ablated at one position only (IOI: the last token or S2; induction:
+   the last token or the first occurrence of the copied token).
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ import argparse
 import pandas as pd
 import torch
 
-from bayescirc.ablation import ablation_table, attention_to, direct_logit_attribution
+from bayescirc.ablation import ablation_table, attention_to, direct_logit_attribution, head_means, logit_diffs
 from bayescirc.bridge import load_model, shipped_model
 from bayescirc.tasks import read_task
 
 # The heads each card names, as (layer, head).
 CLAIMED = {
-    "ioi-toy": {"candidate copiers (layer 0)": [(0, 0), (0, 1), (0, 2), (0, 3)],
-                "subject inhibitors (layer 1)": [(1, 0), (1, 1), (1, 2), (1, 3)]},
+    "ioi-toy": {"other-name heads (layer 0)": [(0, 0), (0, 1), (0, 2), (0, 3)],
+                "name movers (layer 1)": [(1, 0), (1, 1), (1, 2), (1, 3)]},
     "induction": {},
 }
+
+
+# Query positions at which each claimed group is ablated alone (keys of _positions).
+QUERIES = {"ioi-toy": ["end", "S2"], "induction": ["end", "copied"]}
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -46,35 +52,29 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _positions(model, task: pd.DataFrame, name: str):
-    query, keys = [], {}
+def _positions(model, task: pd.DataFrame, name: str) -> dict[str, tuple[list[int], dict[str, list[int]]]]:
+    """Per query label: the query position of each prompt and labelled key positions (BOS = 0)."""
     if name == "ioi-toy":
-        keys = {"end->IO": [], "end->S1": [], "end->S2": [], "S2->S1": []}
-        s2_query = []
+        end, io, s1, s2 = [], [], [], []
         for clean, answer, distractor in zip(task.clean, task.answer, task.distractor):
             toks = model.to_str_tokens(clean)
-            io, s = answer.strip(), distractor.strip()
-            s_pos = [i for i, t in enumerate(toks) if t == s]
-            query.append(len(toks) - 1)
-            keys["end->IO"].append(toks.index(io))
-            keys["end->S1"].append(s_pos[0])
-            keys["end->S2"].append(s_pos[-1])
-            keys["S2->S1"].append(s_pos[0])
-            s2_query.append(s_pos[-1])
-        return {"end": (query, {k: v for k, v in keys.items() if k.startswith("end")}),
-                "end (ABC)": (query, {"ABC: end->C": keys["end->S2"]}),
-                "S2": (s2_query, {"S2->S1": keys["S2->S1"]})}
+            s_pos = [i for i, t in enumerate(toks) if t == distractor.strip()]
+            end.append(len(toks) - 1)
+            io.append(toks.index(answer.strip()))
+            s1.append(s_pos[0])
+            s2.append(s_pos[-1])
+        zeros = [0] * len(end)
+        return {"end": (end, {"end->IO": io, "end->S1": s1, "end->S2": s2}),
+                "end (ABC)": (end, {"ABC: end->C": s2}),
+                "S2": (s2, {"S2->S1": s1, "S2->IO": io, "S2->prev": [p - 1 for p in s2], "S2->BOS": zeros})}
     # induction: the clean prompt is prefix + seq + seq[:k]; the answer seq[k] followed seq[k-1] before.
-    ans_query, ans_key, prev_key = [], [], []
+    end, copied = [], []
     for clean, answer in zip(task.clean, task.answer):
         toks = model.to_str_tokens(clean)
-        first = toks.index(answer.strip())
-        query.append(len(toks) - 1)
-        ans_key.append(first)
-        ans_query.append(first)
-        prev_key.append(first - 1)
-    return {"end": (query, {"end->copied token": ans_key}),
-            "copied": (ans_query, {"copied->previous": prev_key})}
+        end.append(len(toks) - 1)
+        copied.append(toks.index(answer.strip()))
+    return {"end": (end, {"end->copied": copied, "end->prev": [p - 1 for p in end]}),
+            "copied": (copied, {"copied->prev": [p - 1 for p in copied]})}
 
 
 def main(name: str, n: int | None) -> None:
@@ -103,6 +103,16 @@ def main(name: str, n: int | None) -> None:
     print(_markdown(direct_logit_attribution(model, task)))
     print(f"\n## {name}: mean-ablation (chance accuracy = 0.5)\n")
     print(_markdown(ablation_table(model, task, groups)))
+    means = head_means(model, list(task.corrupted))
+    where = _positions(model, task, name)
+    rows = []
+    for label, group in claimed.items():
+        for query in QUERIES[name]:
+            diff = logit_diffs(model, task, ablate=group, means=means, positions=where[query][0])
+            rows.append({"ablated": label, "only at": query, "accuracy": float((diff > 0).mean()),
+                         "mean_logit_diff": float(diff.mean())})
+    print(f"\n## {name}: mean-ablation at one position only\n")
+    print(_markdown(pd.DataFrame(rows)))
 
 
 if __name__ == "__main__":
