@@ -6,6 +6,7 @@
 Loads the shipped model through TransformerLens (``bridge.load_model``), reads
 its ``task.jsonl`` and prints
 
+0. accuracy and mean logit difference on the clean and the corrupted prompts;
 1. per head, the mean attention from the key query positions to the positions
    the mechanism is about (IOI: from the last token to the indirect object IO
    and the subject S1/S2, from S2 to S1, and in the ABC prompt from the last
@@ -82,6 +83,11 @@ def main(name: str, n: int | None) -> None:
     model = load_model(shipped_model(name), device="cpu")
     task = read_task(shipped_model(name) / "task.jsonl", n_inputs=n)
     prompts = list(task.clean)
+    clean = logit_diffs(model, task)
+    corrupted = logit_diffs(model, task.assign(clean=task.corrupted))
+    print(f"## {name}: task.jsonl through TransformerLens ({len(task)} rows)\n")
+    print(f"clean prompts: accuracy {(clean > 0).mean():.3f}, mean logit difference {clean.mean():.3f}")
+    print(f"corrupted prompts: accuracy {(corrupted > 0).mean():.3f}, mean logit difference {corrupted.mean():.3f}\n")
     tables = [attention_to(model, list(task.corrupted) if "ABC" in label else prompts, query, keys)
               for label, (query, keys) in _positions(model, task, name).items()]
     attention = tables[0]
