@@ -11,20 +11,21 @@ its ``task.jsonl`` and prints
    the mechanism is about (IOI: from the last token to the indirect object IO
    and the subject S1/S2, from S2 to S1, and in the ABC prompt from the last
    token to the third name C that replaced S2; induction: from the last token
-   to the token after the previous occurrence of the current one, and from
-   that token to its predecessor);
+   to the previous occurrence q of the current word, to the copied word q+1 and
+   to the position j the layer-1 heads attend most, and from j to q and q+1);
 2. each head's direct effect on the answer and distractor logits;
 3. accuracy and mean logit difference with heads mean-ablated (means over the
    task's corrupted prompts, at every position after BOS): none, each head
    alone, the heads the card names, and all the other heads; then each named
    group ablated at one position only (IOI: the last token or S2; induction:
-   the last token or the first occurrence of the copied token).
+   the last token or j).
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -36,12 +37,14 @@ from bayescirc.tasks import read_task
 CLAIMED = {
     "ioi-toy": {"other-name heads (layer 0)": [(0, 0), (0, 1), (0, 2), (0, 3)],
                 "name movers (layer 1)": [(1, 0), (1, 1), (1, 2), (1, 3)]},
-    "induction": {},
+    "induction": {"match heads (layer 0)": [(0, 0), (0, 1)],
+                  "copy-source heads (layer 0)": [(0, 2), (0, 3)],
+                  "induction heads (layer 1)": [(1, 0), (1, 1), (1, 2), (1, 3)]},
 }
 
 
 # Query positions at which each claimed group is ablated alone (keys of _positions).
-QUERIES = {"ioi-toy": ["end", "S2"], "induction": ["end", "copied"]}
+QUERIES = {"ioi-toy": ["end", "S2"], "induction": ["end", "j"]}
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -68,14 +71,18 @@ def _positions(model, task: pd.DataFrame, name: str) -> dict[str, tuple[list[int
         return {"end": (end, {"end->IO": io, "end->S1": s1, "end->S2": s2}),
                 "end (ABC)": (end, {"ABC: end->C": s2}),
                 "S2": (s2, {"S2->S1": s1, "S2->IO": io, "S2->prev": [p - 1 for p in s2], "S2->BOS": zeros})}
-    # induction: the clean prompt is prefix + seq + seq[:k]; the answer seq[k] followed seq[k-1] before.
-    end, copied = [], []
+    # induction: the clean prompt ends with word q's repeat; the answer is word q + 1 (the copied word).
+    # j: where the layer-1 heads look from the end (argmax of their mean attention), found by running the model.
+    end, q, copied, j = [], [], [], []
     for clean, answer in zip(task.clean, task.answer):
         toks = model.to_str_tokens(clean)
         end.append(len(toks) - 1)
         copied.append(toks.index(answer.strip()))
-    return {"end": (end, {"end->copied": copied, "end->prev": [p - 1 for p in end]}),
-            "copied": (copied, {"copied->prev": [p - 1 for p in copied]})}
+        q.append(copied[-1] - 1)
+        _, cache = model.run_with_cache(model.to_tokens(clean), names_filter=["blocks.1.attn.hook_pattern"])
+        j.append(int(cache["blocks.1.attn.hook_pattern"][0, :, -1].mean(0).argmax()))
+    return {"end": (end, {"end->q": q, "end->q+1": copied, "end->j": j}),
+            "j": (j, {"j->q": q, "j->q+1": copied})}
 
 
 def main(name: str, n: int | None) -> None:
@@ -88,13 +95,18 @@ def main(name: str, n: int | None) -> None:
     print(f"## {name}: task.jsonl through TransformerLens ({len(task)} rows)\n")
     print(f"clean prompts: accuracy {(clean > 0).mean():.3f}, mean logit difference {clean.mean():.3f}")
     print(f"corrupted prompts: accuracy {(corrupted > 0).mean():.3f}, mean logit difference {corrupted.mean():.3f}\n")
+    where = _positions(model, task, name)
     tables = [attention_to(model, list(task.corrupted) if "ABC" in label else prompts, query, keys)
-              for label, (query, keys) in _positions(model, task, name).items()]
+              for label, (query, keys) in where.items()]
     attention = tables[0]
     for extra in tables[1:]:
         attention = attention.merge(extra, on=["layer", "head"])
     print(f"## {name}: mean attention ({len(task)} prompts of task.jsonl)\n")
     print(_markdown(attention))
+    if name == "induction":
+        offsets = pd.Series(np.subtract(where["j"][0], where["end"][1]["end->q"])).value_counts().sort_index()
+        print("\nj - q (how far after the previous occurrence q the layer-1 heads look):",
+              ", ".join(f"{k}: {v}" for k, v in offsets.items()))
     heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     claimed = CLAIMED[name]
     named = [h for group in claimed.values() for h in group]
@@ -110,7 +122,6 @@ def main(name: str, n: int | None) -> None:
     print(f"\n## {name}: mean-ablation (chance accuracy = 0.5)\n")
     print(_markdown(ablation_table(model, task, groups)))
     means = head_means(model, list(task.corrupted))
-    where = _positions(model, task, name)
     rows = []
     for label, group in claimed.items():
         for query in QUERIES[name]:

@@ -1,6 +1,6 @@
 """Train models/induction: a 2-layer GPT-2 that continues repeated spans of random words.
 
-Reproduce (a few minutes on one CPU thread):
+Reproduce (about 5 minutes on one CPU thread):
 
     PYTHONPATH=. python models/train_induction.py [--out models/induction]
 

@@ -15,7 +15,7 @@ PACKAGE_DATA = ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.jsonl", "*/*.txt",
 # The heads each MODEL_CARD.md names (layer, head), grouped as the card groups them.
 CLAIMED = {
     "ioi-toy": [[(0, 0), (0, 1), (0, 2), (0, 3)], [(1, 0), (1, 1), (1, 2), (1, 3)]],
-    "induction": [],
+    "induction": [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(1, 0), (1, 1), (1, 2), (1, 3)]],
 }
 
 
@@ -84,15 +84,25 @@ def test_mean_ablating_the_named_heads_drops_accuracy_to_chance(loaded, name):
     model = loaded[name]
     heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     named = [h for group in CLAIMED[name] for h in group]
-    groups = {f"named {i}": group for i, group in enumerate(CLAIMED[name])}
+    groups = {"none": [], **{f"named {i}": group for i, group in enumerate(CLAIMED[name])}}
     others = [h for h in heads if h not in named]
     if others:
         groups["others"] = others
     table = ablation_table(model, task, groups).set_index("ablated")
-    for i in range(len(CLAIMED[name])):
-        assert table.loc[f"named {i}", "accuracy"] <= 0.65
+    full = table.loc["none", "mean_logit_diff"]
+    for i in range(len(CLAIMED[name])):  # each named group is necessary: near chance, most of the effect gone
+        assert table.loc[f"named {i}", "accuracy"] <= 0.75
+        assert table.loc[f"named {i}", "mean_logit_diff"] <= 0.2 * full
     if others:
         assert table.loc["others", "accuracy"] >= 0.85
+
+
+@pytest.mark.parametrize("name, kind", [("ioi-toy", "ioi"), ("induction", "induction")])
+def test_task_file_is_what_the_generator_makes(name, kind):
+    from bayescirc.taskgen import make_task
+
+    shipped = read_task(shipped_model(name) / "task.jsonl")[["clean", "corrupted", "answer", "distractor"]]
+    assert shipped.equals(make_task(kind, len(shipped), seed=0))
 
 
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
