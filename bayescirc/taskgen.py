@@ -211,7 +211,8 @@ def make_task(kind: str, n: int, seed: int = 0, vocabulary: str = "toy", *, spli
     vocabulary : {"toy", "english"}, default "toy"
         ``toy``: the shipped models' words (IOI: 40 names, held-out templates
         and name pairs); ``english``: plain English names and words for real
-        models (IOI: 60 names, all templates). ``greater-than`` needs ``english``.
+        models (IOI: 60 names, all templates). Induction uses the same 141
+        common nouns in both; ``greater-than`` needs ``english``.
     split : {"eval", "train"}, default "eval"
         For toy IOI, the evaluation split (what task files hold) or the
         disjoint training split (what ``models/train_ioi_toy.py`` trains on).

@@ -33,13 +33,16 @@ def test_shipped_directory_is_complete_small_and_packaged(name):
     assert config["model_type"] == "gpt2" and config["n_layer"] == 2
 
 
-@pytest.mark.parametrize("name", SHIPPED_MODELS)
-def test_task_file_words_and_answers_are_single_tokens_of_the_model(name):
+@pytest.mark.parametrize("name, kind", [("ioi-toy", "ioi"), ("induction", "induction")])
+@pytest.mark.parametrize("source", ["task.jsonl", "fresh toy rows"])
+def test_toy_words_and_answers_are_single_tokens_of_the_model(name, kind, source):
     from tokenizers import Tokenizer
+
+    from bayescirc.taskgen import make_task
 
     tokenizer = Tokenizer.from_file(str(shipped_model(name) / "tokenizer.json"))
     unk = tokenizer.token_to_id("<|unk|>")
-    task = read_task(shipped_model(name) / "task.jsonl")
+    task = read_task(shipped_model(name) / "task.jsonl") if source == "task.jsonl" else make_task(kind, 300, seed=9)
     for row in task.itertuples():
         clean, corrupted = tokenizer.encode(row.clean).ids, tokenizer.encode(row.corrupted).ids
         assert len(clean) == len(corrupted) and unk not in clean and unk not in corrupted
