@@ -23,7 +23,7 @@ import pandas as pd
 from .errors import TaskError
 from .tasks import read_task
 
-__all__ = ["logit_diffs", "head_means", "ablation_table", "attention_to"]
+__all__ = ["logit_diffs", "head_means", "ablation_table", "attention_to", "direct_logit_attribution"]
 
 Head = tuple[int, int]
 
@@ -65,7 +65,8 @@ def head_means(model, prompts: Sequence[str], batch_size: int = 128) -> dict[int
     return {layer: (sums[layer] / count).float().cpu().numpy() for layer in layers}
 
 
-def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
+def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray], positions=None):
+    """Forward hooks putting ``means`` into the heads' ``hook_z``: after BOS, or at ``positions`` (one per row)."""
     import torch
 
     by_layer: dict[int, list[int]] = {}
@@ -77,7 +78,11 @@ def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
 
         def hook(z, hook=None, idx=idx, value=value):
             z = z.clone()
-            z[:, 1:, idx] = value.to(z.dtype)
+            if positions is None:
+                z[:, 1:, idx] = value.to(z.dtype)
+            else:
+                rows = torch.arange(z.shape[0])[:, None]
+                z[rows, torch.as_tensor(positions)[:, None], torch.as_tensor(idx)[None, :]] = value.to(z.dtype)
             return z
 
         hooks.append((_z_hook(layer), hook))
@@ -85,7 +90,7 @@ def _ablation_hooks(heads: Iterable[Head], means: Mapping[int, np.ndarray]):
 
 
 def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int, np.ndarray] | None = None,
-                batch_size: int = 128) -> np.ndarray:
+                positions: Sequence[int] | None = None, batch_size: int = 128) -> np.ndarray:
     """Logit of the answer minus logit of the distractor at the clean prompt's last position, per row.
 
     Parameters
@@ -96,6 +101,9 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
         Heads whose ``hook_z`` is replaced by ``means`` at every position after BOS.
     means : {layer: array [head, d_head]}, optional
         From :func:`head_means`; by default the mean over the task's corrupted prompts.
+    positions : sequence of int, optional
+        Ablate only at this token position of each row (BOS = 0, -1 = last);
+        by default at every position after BOS.
 
     Returns
     -------
@@ -107,7 +115,6 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
     ablate = list(ablate)
     if ablate and means is None:
         means = head_means(model, list(task.corrupted), batch_size)
-    hooks = _ablation_hooks(ablate, means) if ablate else []
     prompts = list(task.clean)
     answers = [_single_token(model, a, i, "answer") for i, a in enumerate(task.answer)]
     distractors = [_single_token(model, d, i, "distractor") for i, d in enumerate(task.distractor)]
@@ -117,6 +124,8 @@ def logit_diffs(model, task, *, ablate: Iterable[Head] = (), means: Mapping[int,
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 tokens = model.to_tokens([prompts[i] for i in chunk])
+                where = None if positions is None else [positions[i] % tokens.shape[1] for i in chunk]
+                hooks = _ablation_hooks(ablate, means, where) if ablate else []
                 logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1]
                 a = logits[torch.arange(len(chunk)), torch.tensor([answers[i] for i in chunk])]
                 d = logits[torch.arange(len(chunk)), torch.tensor([distractors[i] for i in chunk])]
@@ -170,3 +179,41 @@ def attention_to(model, prompts: Sequence[str], query: Sequence[int], keys: Mapp
     rows = [{"layer": layer, "head": head, **{label: total[label][layer, head] / len(prompts) for label in keys}}
             for layer in range(n_layers) for head in range(n_heads)]
     return pd.DataFrame(rows)
+
+
+def direct_logit_attribution(model, task, batch_size: int = 128) -> pd.DataFrame:
+    """Each head's direct effect on the answer and distractor logits at the last position.
+
+    A head's output there (``hook_z @ W_O``), divided by the final layer-norm
+    scale of the run and read out through the unembedding, is what it adds to
+    each logit without passing through later layers. Returns one row per head
+    (``layer``, ``head``) with the mean over rows of ``to_answer``,
+    ``to_distractor`` and ``to_diff`` (their difference): positive ``to_diff``
+    pushes towards the answer; a negative ``to_distractor`` is suppression.
+    """
+    import torch
+
+    task = read_task(task)
+    prompts = list(task.clean)
+    answers = [_single_token(model, a, i, "answer") for i, a in enumerate(task.answer)]
+    distractors = [_single_token(model, d, i, "distractor") for i, d in enumerate(task.distractor)]
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    to_answer, to_distractor = np.zeros((n_layers, n_heads)), np.zeros((n_layers, n_heads))
+    names = [_z_hook(layer) for layer in range(n_layers)] + ["ln_final.hook_scale"]
+    with torch.no_grad():
+        for rows in _token_groups(model, prompts).values():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                _, cache = model.run_with_cache(model.to_tokens([prompts[i] for i in chunk]), names_filter=names)
+                scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
+                w_a = model.W_U[:, torch.tensor([answers[i] for i in chunk])].T  # [batch, d_model]
+                w_d = model.W_U[:, torch.tensor([distractors[i] for i in chunk])].T
+                for layer in range(n_layers):
+                    out = torch.einsum("bhd,hdm->bhm", cache[_z_hook(layer)][:, -1], model.W_O[layer]) / scale[:, :, None]
+                    to_answer[layer] += torch.einsum("bhm,bm->h", out, w_a).float().cpu().numpy()
+                    to_distractor[layer] += torch.einsum("bhm,bm->h", out, w_d).float().cpu().numpy()
+    n = len(prompts)
+    return pd.DataFrame([{"layer": layer, "head": head, "to_answer": to_answer[layer, head] / n,
+                          "to_distractor": to_distractor[layer, head] / n,
+                          "to_diff": (to_answer[layer, head] - to_distractor[layer, head]) / n}
+                         for layer in range(n_layers) for head in range(n_heads)])

@@ -8,7 +8,8 @@ Three kinds, each with the corruption the literature uses:
   the standard ABC prompt, the repeated subject replaced by a third name
   ("..., Kate gave a drink to"), so no name is repeated and nothing points to
   the answer.
-- ``induction``: a random span of words, then the span again up to some word;
+- ``induction``: a random span of distinct words, a few other words, then the
+  span again up to some word;
   answer: the word that followed it the first time. Corrupted: that first
   occurrence replaced by another word, which is the distractor (what an
   induction head copies in the corrupted run).
@@ -97,8 +98,11 @@ INDUCTION_WORDS = (
     "shop", "sister", "sky", "snow", "song", "star", "station", "stone", "street", "sun", "table", "tea",
     "teacher", "tiger", "town", "train", "tree", "truck", "wall", "water", "window", "wine", "wolf", "wood",
 )
-INDUCTION_SPAN = (4, 16)   # span lengths (inclusive)
+INDUCTION_SPAN = (4, 12)   # span lengths (inclusive)
 INDUCTION_PREFIX = (0, 5)  # unrepeated words before the span (inclusive)
+INDUCTION_GAP = (0, 6)     # unrepeated words between the span and its repeat (inclusive): with random
+#                            prefix, span and gap lengths, only the previous occurrence of the current
+#                            word locates the answer (no positional shortcut)
 
 # --- greater-than -------------------------------------------------------------------------------
 GREATER_THAN_NOUNS = ("war", "expedition", "project", "drought", "famine", "reign", "dynasty", "siege",
@@ -163,11 +167,12 @@ def _induction(n: int, rng: np.random.Generator, vocabulary: str, split: str) ->
     for _ in range(n):
         span = int(rng.integers(INDUCTION_SPAN[0], INDUCTION_SPAN[1] + 1))
         prefix = int(rng.integers(INDUCTION_PREFIX[0], INDUCTION_PREFIX[1] + 1))
-        drawn = [words[i] for i in rng.choice(len(words), size=prefix + span + 1, replace=False)]
-        noise, seq, other = drawn[:prefix], drawn[prefix:prefix + span], drawn[-1]
+        gap = int(rng.integers(INDUCTION_GAP[0], INDUCTION_GAP[1] + 1))
+        drawn = [words[i] for i in rng.choice(len(words), size=prefix + span + gap + 1, replace=False)]
+        noise, seq, filler, other = drawn[:prefix], drawn[prefix:prefix + span], drawn[prefix + span:-1], drawn[-1]
         k = int(rng.integers(1, span))  # repeat seq[:k]; the answer is seq[k]
-        clean = noise + seq + seq[:k]
-        corrupted = noise + seq[:k] + [other] + seq[k + 1:] + seq[:k]
+        clean = noise + seq + filler + seq[:k]
+        corrupted = noise + seq[:k] + [other] + seq[k + 1:] + filler + seq[:k]
         rows.append({"clean": " ".join(clean), "corrupted": " ".join(corrupted),
                      "answer": f" {seq[k]}", "distractor": f" {other}"})
     return pd.DataFrame(rows, columns=list(TASK_COLUMNS))
@@ -206,7 +211,8 @@ def make_task(kind: str, n: int, seed: int = 0, vocabulary: str = "toy", *, spli
     vocabulary : {"toy", "english"}, default "toy"
         ``toy``: the shipped models' words (IOI: 40 names, held-out templates
         and name pairs); ``english``: plain English names and words for real
-        models (IOI: 60 names, all templates). ``greater-than`` needs ``english``.
+        models (IOI: 60 names, all templates). Induction uses the same 141
+        common nouns in both; ``greater-than`` needs ``english``.
     split : {"eval", "train"}, default "eval"
         For toy IOI, the evaluation split (what task files hold) or the
         disjoint training split (what ``models/train_ioi_toy.py`` trains on).

@@ -1,11 +1,13 @@
 """Train models/induction: a 2-layer GPT-2 that continues repeated spans of random words.
 
-Reproduce (a few minutes on one CPU thread):
+Reproduce (about 5 minutes on one CPU thread):
 
     PYTHONPATH=. python models/train_induction.py [--out models/induction]
 
 Data: sequences of distinct random words from ``taskgen.INDUCTION_WORDS``: an
-unrepeated prefix of 0-5 words, a span of 4-16 words, then the span again;
+unrepeated prefix of 0-5 words, a span of 4-12 words, 0-6 other words, then
+the span again (random lengths everywhere, so that only the previous occurrence
+of the current word tells what comes next);
 the loss is next-word cross-entropy on the repeated span after its first word
 (the only words predictable from context, and only by copying: induction).
 The evaluation task (``task.jsonl``) is ``make_task("induction", 600, seed=0)``:
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bayescirc.taskgen import INDUCTION_PREFIX, INDUCTION_SPAN, INDUCTION_WORDS, make_task
+from bayescirc.taskgen import INDUCTION_GAP, INDUCTION_PREFIX, INDUCTION_SPAN, INDUCTION_WORDS, make_task
 from bayescirc.tasks import write_task
 from bayescirc.training import build_model, build_tokenizer, encode_examples, logit_differences, save_model, train
 
@@ -33,15 +35,16 @@ N_EVAL = 600
 
 
 def training_sequences(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """``n`` (prompt, completion) pairs: prefix + span + first span word, then the rest of the span."""
+    """``n`` (prompt, completion) pairs: prefix + span + gap + first span word, then the rest of the span."""
     rng = np.random.default_rng([seed, 99])
     prompts, completions = [], []
     for _ in range(n):
         span = int(rng.integers(INDUCTION_SPAN[0], INDUCTION_SPAN[1] + 1))
         prefix = int(rng.integers(INDUCTION_PREFIX[0], INDUCTION_PREFIX[1] + 1))
-        words = [INDUCTION_WORDS[i] for i in rng.choice(len(INDUCTION_WORDS), size=prefix + span, replace=False)]
-        noise, seq = words[:prefix], words[prefix:]
-        prompts.append(" ".join(noise + seq + seq[:1]))
+        gap = int(rng.integers(INDUCTION_GAP[0], INDUCTION_GAP[1] + 1))
+        words = [INDUCTION_WORDS[i] for i in rng.choice(len(INDUCTION_WORDS), size=prefix + span + gap, replace=False)]
+        noise, seq, filler = words[:prefix], words[prefix:prefix + span], words[prefix + span:]
+        prompts.append(" ".join(noise + seq + filler + seq[:1]))
         completions.append(" " + " ".join(seq[1:]))
     return prompts, completions
 

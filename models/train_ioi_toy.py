@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bayescirc.tasks import write_task
 from bayescirc.taskgen import make_task, toy_words
+from bayescirc.tasks import write_task
 from bayescirc.training import build_model, build_tokenizer, encode_examples, logit_differences, save_model, train
 
 SEED = 0

@@ -64,7 +64,7 @@ def test_induction_answer_is_what_followed_the_last_word_before_and_corruption_m
         assert row.distractor.strip() not in clean and row.answer.strip() not in corrupted
 
 
-def test_induction_prompts_end_inside_a_repeat_of_a_span_of_distinct_words():
+def test_induction_prompts_end_inside_a_later_repeat_of_a_span_of_distinct_words():
     for row in make_task("induction", 200, seed=4).itertuples():
         clean = row.clean.split()
         k = sum(clean.count(w) == 2 for w in set(clean))  # words seen twice: the repeated part
@@ -72,7 +72,7 @@ def test_induction_prompts_end_inside_a_repeat_of_a_span_of_distinct_words():
         assert len(set(head)) == len(head) and all(clean.count(w) == 2 for w in suffix)
         start = head.index(suffix[0])
         assert head[start:start + k] == suffix  # a contiguous earlier copy
-        assert 4 <= len(head) - start <= 16 and start <= 5  # span length and unrepeated prefix
+        assert 4 <= len(head) - start <= 12 + 6 and start <= 5  # span + gap, and the unrepeated prefix
 
 
 def test_greater_than_answers_are_later_years_and_distractors_earlier_or_equal():
