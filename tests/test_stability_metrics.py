@@ -57,6 +57,10 @@ def test_missing_scores_leave_the_mean_of_their_edge():
     assert np.isnan(weighted_means(values, np.array([[1, 1]]))[0, 1])
 
 
+def test_unscored_edges_are_never_selected():
+    assert select(np.array([[np.nan, 0.5, np.nan]]), k=2).tolist() == [[False, True, False]]
+
+
 def test_threshold_selection():
     assert select(np.array([[0.5, -2.0, np.nan]]), threshold=1.0).tolist() == [[False, True, False]]
 
