@@ -166,6 +166,10 @@ def test_bayesian_side_resamples_fits_and_matches_k():
     assert bayes.jaccard_mean == pytest.approx(np.mean(pairs))
     top1 = result.bootstrap[(result.bootstrap.pipeline == "conventional") & (result.bootstrap.k == 1)].iloc[0]
     assert top1.circuit_size == 1
+    head = result.headline()["exact"]
+    assert head["k"] == 1 and head["bayesian_jaccard_mean"] == bayes.jaccard_mean
+    assert head["conventional_jaccard_mean"] == top1.jaccard_mean
+    assert "Same size (k = 1)" in result.to_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bayescirc.fitting") is None,
