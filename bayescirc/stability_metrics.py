@@ -257,7 +257,7 @@ def _dense(frame: pd.DataFrame, inputs: np.ndarray, edges: list[str]) -> np.ndar
     """``[len(inputs), len(edges)]`` scores of one method (NaN where not scored)."""
     out = np.full((len(inputs), len(edges)), np.nan)
     rows = np.searchsorted(inputs, frame[schema.INPUT_ID].to_numpy())
-    cols = pd.Categorical(frame[schema.EDGE].astype(str), categories=edges).codes
+    cols = pd.Categorical(frame[schema.EDGE], categories=edges).codes
     out[rows, cols] = frame[schema.SCORE].to_numpy(dtype=np.float64)
     return out
 
@@ -345,14 +345,14 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     if bootstrap < 2:
         raise BayescircError(f"bootstrap={bootstrap}: need at least 2 resamples to compare circuits.")
     frame = _load(scores)
-    labels = sorted(frame[schema.METHOD].astype(str).unique())
+    labels = sorted(str(m) for m in frame[schema.METHOD].unique())
     if methods is not None:
         methods = list(methods)
         unknown = [m for m in methods if m not in labels]
         if unknown:
             raise BayescircError(f"method {unknown[0]!r} is not in the scores (it has {labels}).")
         labels = methods
-    edges = sorted(frame[schema.EDGE].astype(str).unique())
+    edges = sorted(str(e) for e in frame[schema.EDGE].unique())
     index = EdgeIndex.from_edges(edges)
     inputs = np.sort(frame[schema.INPUT_ID].unique())
     counts = bootstrap_counts(len(inputs), bootstrap, seed)
@@ -367,7 +367,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         nb = min(bayes_bootstrap or bootstrap, bootstrap)
         if nb < 2:
             raise BayescircError(f"bayes_bootstrap={nb}: need at least 2 resamples.")
-        used = frame[frame[schema.METHOD].astype(str).isin(labels)]
+        used = frame[frame[schema.METHOD].isin(labels)]
         full_circuit, _ = _median_circuit(fitter(used, **options), seed)
         boot = np.zeros((nb, len(edges)), dtype=bool)
         ranking = np.zeros((nb, len(edges)))
@@ -389,7 +389,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     # --- conventional pipeline, per method
     exact_tables = []
     for label in tqdm(labels, desc="conventional", unit="method", disable=not progress):
-        sub = frame[frame[schema.METHOD].astype(str) == label]
+        sub = frame[frame[schema.METHOD] == label]
         own = np.sort(sub[schema.INPUT_ID].unique())
         values = _dense(sub, own, edges)
         own_counts = counts[:, np.searchsorted(inputs, own)]
