@@ -465,7 +465,7 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
         draws = np.arange(n_draws)
     else:
         draws = rng.choice(n_draws, size=n, replace=n > n_draws)
-    if kind == "slab" and (np.nanmin(values) < 0 or np.nanmax(values) > 1):
+    if kind == "slab" and (np.nanmin(values) < -1e-6 or np.nanmax(values) > 1 + 1e-6):
         raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     edges = tuple(fit.edge_names)
     index = EdgeIndex.from_edges(edges)
