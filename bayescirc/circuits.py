@@ -397,17 +397,18 @@ def _check_prob(prob: float) -> None:
 def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
     """Per row of ``values`` ``[rows, edges]``, mark the ``k`` entries with the largest ``|value|``.
 
-    NaN counts as smallest; ties are broken arbitrarily (as EAP-IG's sort does).
+    NaN entries (no score) are never selected; ties are broken arbitrarily (as EAP-IG's sort does).
     """
     magnitude = np.abs(np.atleast_2d(values))
-    magnitude = np.where(np.isnan(magnitude), -np.inf, magnitude)
+    missing = np.isnan(magnitude)
+    magnitude = np.where(missing, -np.inf, magnitude)
     k = min(int(k), magnitude.shape[1])
     out = np.zeros(magnitude.shape, dtype=bool)
     if k <= 0:
         return out
     top = np.argpartition(-magnitude, k - 1, axis=1)[:, :k]
     np.put_along_axis(out, top, True, axis=1)
-    return out
+    return out & ~missing
 
 
 def _select(kind: str, param, mu: np.ndarray | None, inclusion: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -464,7 +465,7 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
         draws = np.arange(n_draws)
     else:
         draws = rng.choice(n_draws, size=n, replace=n > n_draws)
-    if kind == "slab" and (np.nanmin(values) < 0 or np.nanmax(values) > 1):
+    if kind == "slab" and (np.nanmin(values) < -1e-6 or np.nanmax(values) > 1 + 1e-6):
         raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     edges = tuple(fit.edge_names)
     index = EdgeIndex.from_edges(edges)

@@ -35,9 +35,24 @@ from ._io import atomic_path
 from .errors import BayescircError
 from .graph import LOGITS, Graph, parse_edge, parse_node
 
-__all__ = ["circuit_json", "write_circuit_json", "read_circuit_json", "infer_graph"]
+__all__ = ["circuit_json", "infer_graph", "model_width", "read_circuit_json", "write_circuit_json"]
 
 REQUIRED_KEYS = ("cfg", "nodes", "edges")
+
+
+def model_width(model) -> int | None:
+    """``d_model`` of a local Hugging Face model directory (``config.json``), or ``None`` when unknown."""
+    if not model:
+        return None
+    config = Path(str(model)) / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("d_model", "n_embd", "hidden_size"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return None
 
 
 def infer_graph(edges: Iterable[str], parallel_attn_mlp: bool = False) -> Graph:

@@ -13,7 +13,7 @@ zero); ``per_input=True`` averages the per-input ratios instead. 1 means the
 circuit recovers the full model's behaviour, 0 that it does no better than the
 corrupted run.
 
-:func:`faithfulness` is the arithmetic; :func:`evaluate` samples circuits from a
+:func:`circuit_faithfulness` is the arithmetic; :func:`evaluate` samples circuits from a
 fit, runs them through the collector's patching machinery
 (:func:`bayescirc.patching.evaluate_circuits`, distinct circuits batched once
 each) and reports the median-probability circuit's faithfulness and the
@@ -34,10 +34,10 @@ import pandas as pd
 from ._io import atomic_dir
 from .errors import BayescircError
 
-__all__ = ["FaithfulnessResult", "evaluate", "faithfulness", "interval", "held_out_inputs"]
+__all__ = ["FaithfulnessResult", "circuit_faithfulness", "evaluate", "held_out_inputs", "interval"]
 
 
-def faithfulness(values: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, per_input: bool = False) -> np.ndarray:
+def circuit_faithfulness(values: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, per_input: bool = False) -> np.ndarray:
     """Faithfulness of each circuit.
 
     Parameters
@@ -225,7 +225,7 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
     values = np.asarray(result.values, dtype=np.float64)
     if values.shape[0] != len(circuits):
         raise RuntimeError(f"evaluate_circuits returned {values.shape[0]} rows for {len(circuits)} circuits")
-    f = faithfulness(values, result.clean, result.corrupted, per_input=per_input)
+    f = circuit_faithfulness(values, result.clean, result.corrupted, per_input=per_input)
     per_circuit = pd.DataFrame({"circuit": np.arange(samples.n_circuits), "draw": samples.draws,
                                 "size": samples.sizes, "distinct": inverse, "faithfulness": f[inverse]})
     clean, corrupted = np.asarray(result.clean, float), np.asarray(result.corrupted, float)

@@ -159,6 +159,7 @@ class StabilityResult:
         finite_cv = exact["cv"][np.isfinite(exact["cv"])] if len(exact) else pd.Series(dtype=float)
         return {
             "settings": self.settings,
+            "headline": self.headline(),
             "bootstrap": json.loads(self.bootstrap.to_json(orient="records")),
             "exact_variability": None if exact.empty else {
                 "n_edges": int(len(exact)), "median_cv": float(finite_cv.median()) if len(finite_cv) else None,
@@ -166,6 +167,24 @@ class StabilityResult:
                 "share_sign_consistent_90": float((exact["sign_consistency"] >= 0.9).mean()),
             },
         }
+
+    def headline(self) -> dict | None:
+        """Per method: mean bootstrap Jaccard of top-k at k = the Bayesian circuit's size vs the Bayesian circuit.
+
+        ``None`` without the Bayesian side (or when its circuit is empty).
+        """
+        k = self.settings.get("matched_k")
+        b = self.bootstrap
+        bayes = b[b["pipeline"] == BAYESIAN]
+        if k is None or bayes.empty:
+            return None
+        j_bayes = float(bayes["jaccard_mean"].iloc[0])
+        out = {}
+        for r in b[(b["pipeline"] == CONVENTIONAL) & (b["selection"] == "top-k") & (b["k"] == k)].itertuples():
+            out[r.method] = {"k": int(k), "conventional_jaccard_mean": float(r.jaccard_mean),
+                             "bayesian_jaccard_mean": j_bayes,
+                             "bayes_at_least_as_stable": bool(j_bayes >= r.jaccard_mean)}
+        return out
 
     def to_text(self) -> str:
         """One-screen summary: the side-by-side bootstrap table, then the method Jaccard matrices."""
@@ -187,6 +206,12 @@ class StabilityResult:
                           matrix.to_string(float_format=lambda v: f"{v:.2f}")]
                 if len(lines) > 45:
                     break
+        head = self.headline()
+        if head:
+            lines += ["", f"Same size (k = {self.settings['matched_k']}): mean bootstrap Jaccard, top-k vs Bayesian "
+                          "median-probability circuit: " + "; ".join(
+                              f"{m} {h['conventional_jaccard_mean']:.3f} vs {h['bayesian_jaccard_mean']:.3f}"
+                              for m, h in head.items())]
         s = self.summary().get("exact_variability")
         if s:
             lines += ["", f"Exact effects across inputs: median CV {s['median_cv'] if s['median_cv'] is None else round(s['median_cv'], 2)}, "
@@ -232,7 +257,7 @@ def _dense(frame: pd.DataFrame, inputs: np.ndarray, edges: list[str]) -> np.ndar
     """``[len(inputs), len(edges)]`` scores of one method (NaN where not scored)."""
     out = np.full((len(inputs), len(edges)), np.nan)
     rows = np.searchsorted(inputs, frame[schema.INPUT_ID].to_numpy())
-    cols = pd.Categorical(frame[schema.EDGE].astype(str), categories=edges).codes
+    cols = pd.Categorical(frame[schema.EDGE], categories=edges).codes
     out[rows, cols] = frame[schema.SCORE].to_numpy(dtype=np.float64)
     return out
 
@@ -320,21 +345,21 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     if bootstrap < 2:
         raise BayescircError(f"bootstrap={bootstrap}: need at least 2 resamples to compare circuits.")
     frame = _load(scores)
-    labels = sorted(frame[schema.METHOD].astype(str).unique())
+    labels = sorted(str(m) for m in frame[schema.METHOD].unique())
     if methods is not None:
         methods = list(methods)
         unknown = [m for m in methods if m not in labels]
         if unknown:
             raise BayescircError(f"method {unknown[0]!r} is not in the scores (it has {labels}).")
         labels = methods
-    edges = sorted(frame[schema.EDGE].astype(str).unique())
+    edges = sorted(str(e) for e in frame[schema.EDGE].unique())
     index = EdgeIndex.from_edges(edges)
     inputs = np.sort(frame[schema.INPUT_ID].unique())
     counts = bootstrap_counts(len(inputs), bootstrap, seed)
     ks = _ks(k, len(edges))
     thresholds = [] if threshold is None else [float(t) for t in ([threshold] if np.isscalar(threshold) else threshold)]
 
-    rows, full_circuits = [], {}
+    rows, full_circuits, matched_k = [], {}, None
     # --- Bayesian pipeline first: its circuit size sets the matched k.
     if bayes:
         fitter = fitter or _default_fitter
@@ -342,7 +367,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         nb = min(bayes_bootstrap or bootstrap, bootstrap)
         if nb < 2:
             raise BayescircError(f"bayes_bootstrap={nb}: need at least 2 resamples.")
-        used = frame[frame[schema.METHOD].astype(str).isin(labels)]
+        used = frame[frame[schema.METHOD].isin(labels)]
         full_circuit, _ = _median_circuit(fitter(used, **options), seed)
         boot = np.zeros((nb, len(edges)), dtype=bool)
         ranking = np.zeros((nb, len(edges)))
@@ -357,13 +382,14 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
                      "n_bootstrap": nb})
         if match_k_to == "bayes" and len(full_circuit) > 0:
             ks = sorted(set(ks) | {len(full_circuit)})
+            matched_k = len(full_circuit)
     elif match_k_to not in (None, "bayes"):
         raise BayescircError(f"match_k_to={match_k_to!r}: use 'bayes' or None.")
 
     # --- conventional pipeline, per method
     exact_tables = []
     for label in tqdm(labels, desc="conventional", unit="method", disable=not progress):
-        sub = frame[frame[schema.METHOD].astype(str) == label]
+        sub = frame[frame[schema.METHOD] == label]
         own = np.sort(sub[schema.INPUT_ID].unique())
         values = _dense(sub, own, edges)
         own_counts = counts[:, np.searchsorted(inputs, own)]
@@ -402,7 +428,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
                    pd.DataFrame(columns=[schema.EDGE, schema.METHOD, "n_inputs", "mean", "sd", "cv", "sign_consistency"]))
     settings = {"bootstrap": bootstrap, "k": ks, "threshold": thresholds, "methods": labels, "bayes": bayes,
                 "bayes_bootstrap": (min(bayes_bootstrap or bootstrap, bootstrap) if bayes else None),
-                "match_k_to": match_k_to, "seed": seed, "n_inputs": int(len(inputs)), "n_edges": len(edges),
+                "match_k_to": match_k_to, "matched_k": matched_k, "seed": seed, "n_inputs": int(len(inputs)), "n_edges": len(edges),
                 "fit_options": fit_options or {}}
     return StabilityResult(bootstrap=bootstrap_table, methods_jaccard=pd.DataFrame(methods_rows),
                            k_jaccard=pd.DataFrame(k_rows), edges=edges_table, settings=settings)

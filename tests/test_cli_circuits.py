@@ -38,6 +38,20 @@ def test_circuits_writes_summary_tables_and_eap_ig_json(tmp_path):
     exported = read_circuit_json(tmp_path / "c" / "median_circuit.json").set_index("edge")
     assert set(exported.index[exported.in_graph]) == {C}
     assert exported.loc[A, "score"] == 0.5
+    superset = read_circuit_json(tmp_path / "c" / "credible_superset.json")
+    assert set(superset.loc[superset.in_graph, "edge"]) == {A, B, C}
+    assert json.loads((tmp_path / "c" / "credible_core.json").read_text())["cfg"]["d_model"] == 0
+
+
+def test_circuits_reads_d_model_from_the_fitted_models_config(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"n_embd": 64, "n_layer": 1}))
+    fit = four_draw_fit()
+    fit.metadata["model"] = str(model)
+    fit.save(tmp_path / "fit")
+    assert run("circuits", tmp_path / "fit", "--out", tmp_path / "c").exit_code == 0
+    assert json.loads((tmp_path / "c" / "median_circuit.json").read_text())["cfg"]["d_model"] == 64
 
 
 def test_circuits_bad_rule_is_one_line_exit_2(tmp_path):

@@ -8,36 +8,36 @@ import pytest
 from fitfixtures import fake_patching, four_draw_fit
 
 from bayescirc.errors import BayescircError
-from bayescirc.faithfulness import evaluate, faithfulness, held_out_inputs, interval
+from bayescirc.faithfulness import circuit_faithfulness, evaluate, held_out_inputs, interval
 
 
 def test_ratio_of_means_by_hand():
     values = np.array([[2.0, 4.0], [0.0, 1.0]])
     clean, corrupted = np.array([4.0, 6.0]), np.array([0.0, 2.0])
     # means: circuit 0 -> 3, circuit 1 -> 0.5; clean 5, corrupted 1: (3-1)/4, (0.5-1)/4
-    assert faithfulness(values, clean, corrupted).tolist() == [0.5, -0.125]
+    assert circuit_faithfulness(values, clean, corrupted).tolist() == [0.5, -0.125]
 
 
 def test_mean_of_per_input_ratios_by_hand():
     values = np.array([[2.0, 4.0]])
     clean, corrupted = np.array([4.0, 6.0]), np.array([0.0, 2.0])
     # input 0: 2/4, input 1: 2/4
-    assert faithfulness(values, clean, corrupted, per_input=True).tolist() == [0.5]
-    assert faithfulness(np.array([[4.0, 2.0]]), clean, corrupted, per_input=True).tolist() == [0.5]
-    assert faithfulness(np.array([[3.0, 2.0]]), np.array([4.0, 2.5]), np.array([0.0, 2.0]), per_input=True) == [
+    assert circuit_faithfulness(values, clean, corrupted, per_input=True).tolist() == [0.5]
+    assert circuit_faithfulness(np.array([[4.0, 2.0]]), clean, corrupted, per_input=True).tolist() == [0.5]
+    assert circuit_faithfulness(np.array([[3.0, 2.0]]), np.array([4.0, 2.5]), np.array([0.0, 2.0]), per_input=True) == [
         pytest.approx((3 / 4 + 0 / 0.5) / 2)]
 
 
 def test_full_circuit_is_one_and_empty_is_zero():
     clean, corrupted = np.array([3.0, 1.0, 2.0]), np.array([0.5, -1.0, 0.0])
-    assert faithfulness(np.stack([clean, corrupted]), clean, corrupted).tolist() == [1.0, 0.0]
+    assert circuit_faithfulness(np.stack([clean, corrupted]), clean, corrupted).tolist() == [1.0, 0.0]
 
 
 def test_undefined_faithfulness_is_a_user_error():
     with pytest.raises(BayescircError, match="no effect"):
-        faithfulness(np.ones((1, 2)), np.ones(2), np.ones(2))
+        circuit_faithfulness(np.ones((1, 2)), np.ones(2), np.ones(2))
     with pytest.raises(BayescircError, match="input 1"):
-        faithfulness(np.ones((1, 2)), np.array([2.0, 1.0]), np.array([0.0, 1.0]), per_input=True)
+        circuit_faithfulness(np.ones((1, 2)), np.array([2.0, 1.0]), np.array([0.0, 1.0]), per_input=True)
 
 
 def test_interval_is_central():

@@ -57,6 +57,10 @@ def test_missing_scores_leave_the_mean_of_their_edge():
     assert np.isnan(weighted_means(values, np.array([[1, 1]]))[0, 1])
 
 
+def test_unscored_edges_are_never_selected():
+    assert select(np.array([[np.nan, 0.5, np.nan]]), k=2).tolist() == [[False, True, False]]
+
+
 def test_threshold_selection():
     assert select(np.array([[0.5, -2.0, np.nan]]), threshold=1.0).tolist() == [[False, True, False]]
 
@@ -162,6 +166,10 @@ def test_bayesian_side_resamples_fits_and_matches_k():
     assert bayes.jaccard_mean == pytest.approx(np.mean(pairs))
     top1 = result.bootstrap[(result.bootstrap.pipeline == "conventional") & (result.bootstrap.k == 1)].iloc[0]
     assert top1.circuit_size == 1
+    head = result.headline()["exact"]
+    assert head["k"] == 1 and head["bayesian_jaccard_mean"] == bayes.jaccard_mean
+    assert head["conventional_jaccard_mean"] == top1.jaccard_mean
+    assert "Same size (k = 1)" in result.to_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bayescirc.fitting") is None,

@@ -24,10 +24,11 @@ import click
               help="Directory to write circuits.json (summary), edges.parquet (per-edge frequency and set "
                    "membership), samples.parquet (tidy circuit, draw, edge) and summary.txt. [default: FIT_DIR/circuits]")
 @click.option("--export-json/--no-export-json", default=True, show_default=True,
-              help="Also write the median-probability circuit, with inclusion frequencies as edge scores, as "
-                   "median_circuit.json in the EAP-IG / MIB circuit JSON layout.")
+              help="Also write median_circuit.json, credible_core.json and credible_superset.json in the EAP-IG / "
+                   "MIB circuit JSON layout, each with the inclusion frequencies as edge scores.")
 @click.option("--d-model", type=int, default=None,
-              help="Model width written into the EAP-IG JSON 'cfg' (only neuron-level EAP-IG code reads it). [default: 0]")
+              help="Model width written into the EAP-IG JSON 'cfg' (only neuron-level EAP-IG code reads it). "
+                   "[default: read from the fitted model's config.json when it is a local directory, else 0]")
 def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
     """Sample circuits from the posterior of FIT_DIR (written by `bayescirc fit`) and summarise them.
 
@@ -44,9 +45,14 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
     """
     from .._io import atomic_dir
     from ..circuits import sample_circuits
-    from ..export import write_circuit_json
+    from ..export import model_width, write_circuit_json
+    from ..posterior import load_fit
 
-    samples = sample_circuits(fit_dir, n=n, rule=rule, seed=seed)
+    fit = load_fit(fit_dir)
+    samples = sample_circuits(fit, n=n, rule=rule, seed=seed)
+    if d_model is None:
+        scores_meta = fit.summary.get("metadata") or {}
+        d_model = model_width(fit.metadata.get("model") or scores_meta.get("model"))
     out = Path(out) if out else Path(fit_dir) / "circuits"
     summary = samples.summary(prob=prob, top=top)
     top_table = samples.top_circuits(top)
@@ -63,8 +69,10 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
         samples.table().to_parquet(tmp / "samples.parquet", index=False)
         (tmp / "summary.txt").write_text(text + "\n")
         if export_json:
-            write_circuit_json(tmp / "median_circuit.json", samples.median_circuit(), samples.frequency,
-                               d_model=d_model)
+            for name, circuit in (("median_circuit", samples.median_circuit()),
+                                  ("credible_core", samples.credible_core(prob)),
+                                  ("credible_superset", samples.credible_superset(prob))):
+                write_circuit_json(tmp / f"{name}.json", circuit, samples.frequency, d_model=d_model)
     click.echo(text)
     click.echo(f"\nwrote {out}/ (circuits.json, edges.parquet, samples.parquet, summary.txt"
-               + (", median_circuit.json)" if export_json else ")"))
+               + (", median_circuit.json, credible_core.json, credible_superset.json)" if export_json else ")"))
