@@ -164,7 +164,10 @@ def save_figure(fig: Figure, out: str | os.PathLike, dpi: int = 120) -> Path:
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise BayescircError(f"{out}: cannot tell the format from the extension; use one of {sorted(FORMATS)}.")
-    with atomic_path(out) as tmp:
+    import matplotlib as mpl
+
+    # SVG keeps text as text (searchable, editable) rather than outlines.
+    with atomic_path(out) as tmp, mpl.rc_context({"svg.fonttype": "none"}):
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=None if fmt != "png" else {"Software": "bayescirc"})
     return out
 

@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from fit_fixture import make_fit, make_simulation
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
@@ -20,8 +21,6 @@ from bayescirc.errors import BayescircError
 from bayescirc.graph import Graph, prune_to_paths
 from bayescirc.posterior import FitResult
 from bayescirc.scores import write_scores
-
-from fit_fixture import make_fit, make_simulation
 
 
 @pytest.fixture(scope="module")

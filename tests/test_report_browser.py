@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fit_fixture import make_fit, make_simulation
 
 from bayescirc import reporting
-
-from fit_fixture import make_fit, make_simulation
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -6,11 +6,10 @@ import json
 import re
 
 import pytest
+from fit_fixture import make_fit, make_simulation
 
 from bayescirc import reporting
 from bayescirc.errors import BayescircError
-
-from fit_fixture import make_fit, make_simulation
 
 
 @pytest.fixture(scope="module")
