@@ -116,3 +116,26 @@ def test_model_card_states_accuracy_mechanism_and_recipe(name):
         assert needle.lower() in card.lower(), needle
     for layer, head in (h for group in CLAIMED[name] for h in group):
         assert re.search(rf"a{layer}\.h{head}\b", card)
+
+
+@pytest.mark.tl
+def test_ablation_hooks_replace_exactly_the_chosen_heads_and_positions(loaded):
+    import numpy as np
+
+    from bayescirc.ablation import logit_diffs
+
+    model = loaded["ioi-toy"]
+    task = read_task(shipped_model("ioi-toy") / "task.jsonl", n_inputs=1)
+    base = logit_diffs(model, task)
+    _, cache = model.run_with_cache(model.to_tokens(task.clean[0]))
+    own = {layer: cache[f"blocks.{layer}.attn.hook_z"][0, -1].numpy() for layer in range(2)}  # [head, d_head]
+    heads = [(0, 1), (1, 2)]
+    # putting back a head's own output at the last position changes nothing ...
+    same = logit_diffs(model, task, ablate=heads, means=own, positions=[-1])
+    assert same == pytest.approx(base, abs=1e-4)
+    # ... a layer-1 head's output anywhere but the last position cannot reach the last logits ...
+    zeros = {layer: np.zeros_like(own[layer]) for layer in range(2)}
+    assert logit_diffs(model, task, ablate=[(1, 2)], means=zeros, positions=[3]) == pytest.approx(base, abs=1e-4)
+    # ... and zeroing the name movers at the last position does change the answer's margin
+    movers = [(1, h) for h in range(4)]
+    assert abs(logit_diffs(model, task, ablate=movers, means=zeros, positions=[-1])[0] - base[0]) > 1.0
