@@ -102,6 +102,12 @@ class EdgeData:
     def n_edges(self) -> int:
         return int(self.n_x.shape[0])
 
+    def take(self, idx) -> EdgeData:
+        """The statistics of edges ``idx`` only (a subset or minibatch)."""
+        arrays = {k: getattr(self, k)[idx] for k in ("n_x", "sx", "sxx", "n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m")}
+        return EdgeData(**arrays, pat_n=tuple(a[idx] for a in self.pat_n), pat_s=tuple(a[idx] for a in self.pat_s),
+                        pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods)
+
 
 def edge_data(stats) -> tuple[EdgeData, list[str]]:
     """Turn :class:`~bayescirc.scores.SufficientStats` into :class:`EdgeData`.
@@ -148,6 +154,7 @@ def edge_data(stats) -> tuple[EdgeData, list[str]]:
     return data, [methods[k] for k in approx]
 
 
+@jax.tree_util.register_dataclass
 @dataclass
 class Globals:
     """Method and prior parameters that the per-edge likelihood is conditioned on (JAX arrays)."""
@@ -159,6 +166,55 @@ class Globals:
     slab_sd: jnp.ndarray  # ()
     spike_sd: float | jnp.ndarray  # ()
     pi: jnp.ndarray  # ()
+
+
+# --- small dense linear algebra, unrolled over K (K = 1 + methods is tiny; batched LAPACK calls are slow) ---
+
+
+def cholesky(B):
+    """Lower Cholesky factor of a batch of small SPD matrices (..., K, K), unrolled elementwise."""
+    K = B.shape[-1]
+    L = [[None] * K for _ in range(K)]
+    for j in range(K):
+        s = B[..., j, j]
+        for k in range(j):
+            s = s - L[j][k] ** 2
+        L[j][j] = jnp.sqrt(s)
+        for i in range(j + 1, K):
+            t = B[..., i, j]
+            for k in range(j):
+                t = t - L[i][k] * L[j][k]
+            L[i][j] = t / L[j][j]
+    zero = jnp.zeros_like(B[..., 0, 0])
+    return jnp.stack([jnp.stack([L[i][j] if L[i][j] is not None else zero for j in range(K)], -1) for i in range(K)], -2)
+
+
+def solve_lower(L, r):
+    """Solve L y = r for lower-triangular L (..., K, K), r (..., K)."""
+    K = L.shape[-1]
+    y = []
+    for i in range(K):
+        t = r[..., i]
+        for k in range(i):
+            t = t - L[..., i, k] * y[k]
+        y.append(t / L[..., i, i])
+    return jnp.stack(y, -1)
+
+
+def solve_upper_t(L, y):
+    """Solve L' x = y for lower-triangular L (..., K, K), y (..., K)."""
+    K = L.shape[-1]
+    x = [None] * K
+    for i in reversed(range(K)):
+        t = y[..., i]
+        for k in range(i + 1, K):
+            t = t - L[..., k, i] * x[k]
+        x[i] = t / L[..., i, i]
+    return jnp.stack(x, -1)
+
+
+def log_diag_sum(L):
+    return jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
 
 
 # --- the quadratic form in u = (mu, delta_1..delta_M) ----------------------------------------
@@ -226,10 +282,9 @@ def gaussian_evidence(A, b, c, prior_var):
     L = jnp.sqrt(prior_var)  # (..., K)
     K = A.shape[-1]
     B = jnp.eye(K) + L[..., :, None] * A * L[..., None, :]
-    chol = jnp.linalg.cholesky(B)
-    Lb = L * b
-    z = jax.scipy.linalg.solve_triangular(chol, Lb[..., None], lower=True)[..., 0]
-    log_z = c - jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1) + 0.5 * jnp.sum(z**2, -1)
+    chol = cholesky(B)
+    z = solve_lower(chol, L * b)
+    log_z = c - log_diag_sum(chol) + 0.5 * jnp.sum(z**2, -1)
     return log_z, chol, L
 
 
@@ -267,6 +322,9 @@ class TauGrid:
     log_tau: jnp.ndarray
     step: jnp.ndarray
 
+    def take(self, idx) -> TauGrid:
+        return TauGrid(log_tau=self.log_tau[idx], step=self.step[idx])
+
 
 def coarse_grid(n_edges: int, scale: float, points: int = 64) -> TauGrid:
     """The same wide grid for every edge: tau from scale/3000 to 30*scale."""
@@ -287,13 +345,13 @@ def grid_log_weights(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_sp
     return log_prior + log_mix, log_spike, log_slab
 
 
-def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread, points: int = 24,
-                width: float = 6.0, min_sd: float = 1e-3) -> TauGrid:
+def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread, points: int = 11,
+                width: float = 5.0, min_sd: float = 1e-3) -> TauGrid:
     """A per-edge grid centred on the conditional posterior of ``log tau`` at the given parameters.
 
     Spans ``width`` posterior SDs either side with ``points`` points (spacing
-    about half a posterior SD, where the trapezoid rule on a smooth peak is
-    exact to ~1e-10). Apply twice from :func:`coarse_grid`.
+    one posterior SD, where the trapezoid rule on a Gaussian-shaped peak is
+    exact to ~1e-8 relative). Apply twice from :func:`coarse_grid`.
     """
     log_w = grid_log_weights(data, grid, g, tau_mean, tau_spread)[0]
     w = jax.nn.softmax(log_w, axis=-1)
@@ -302,7 +360,7 @@ def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread,
     sd = jnp.maximum(sd, jnp.maximum(min_sd, 0.35 * grid.step))
     z = jnp.linspace(-width, width, points)
     lt = m[:, None] + sd[:, None] * z[None, :]
-    return TauGrid(log_tau=np.asarray(lt), step=np.asarray(sd * (z[1] - z[0])))
+    return TauGrid(log_tau=lt, step=sd * (z[1] - z[0]))
 
 
 # --- the NumPyro model ----------------------------------------------------------------------------
@@ -314,7 +372,8 @@ def tau_means(tau_loc, type_eff, layer_eff, edge_type_idx, layer_idx):
 
 
 def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, n_types: int, n_layers: int,
-                    scale: float, spike_sd: float = 0.0, exact_present: bool = True, student_t=None):
+                    scale: float, spike_sd: float = 0.0, exact_present: bool = True, student_t=None,
+                    edge_batch: int | None = None):
     """Global parameters with every per-edge quantity integrated out.
 
     Parameters
@@ -332,6 +391,9 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, n_t
         Without exact scores, ``alpha``/``beta`` are pinned near (0, 1) by tighter priors.
     student_t : StudentTTable, optional
         Use the Student-t intrinsic-variation likelihood (see :func:`student_t_table`).
+    edge_batch : int, optional
+        Subsample this many edges per evaluation (stochastic-gradient SVI at scale;
+        the likelihood is rescaled by the plate).
     """
     M = data.n_methods
     if M:
@@ -353,12 +415,17 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, n_t
     with numpyro.plate("layer", n_layers):
         layer_z = numpyro.sample("layer_z", dist.Normal(0.0, 1.0))
     g = Globals(alpha=alpha, beta=beta, sigma=sigma, omega=omega, slab_sd=slab_sd, spike_sd=spike_sd, pi=pi)
-    tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
-    if student_t is None:
-        log_w = grid_log_weights(data, grid, g, tm, tau_spread)[0]
-        numpyro.factor("edges", jnp.sum(logsumexp(log_w, axis=-1)))
-    else:
+    if student_t is not None:
+        tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
         numpyro.factor("edges", student_t_total(student_t_parts(data, grid, g, tm, tau_spread, student_t)[0])[0])
+        return
+    with numpyro.plate(schema.DIM_EDGE, data.n_edges, subsample_size=edge_batch) as idx:
+        if edge_batch is not None:
+            data, grid = data.take(idx), grid.take(idx)
+            edge_type_idx, layer_idx = edge_type_idx[idx], layer_idx[idx]
+        tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
+        log_w = grid_log_weights(data, grid, g, tm, tau_spread)[0]
+        numpyro.factor("edges", logsumexp(log_w, axis=-1))
 
 
 # --- per-edge conditionals, for drawing mu, tau, delta and inclusion per posterior draw -------------
@@ -408,21 +475,14 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
 
 def _posterior_draw(chol, L, b, z):
     """A draw from N(L B^-1 L b, L B^-1 L) given the Cholesky factor of B."""
-    Lb = L * b
-    y = jax.scipy.linalg.solve_triangular(chol, Lb[..., None], lower=True)
-    mean_core = jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), y, lower=False)[..., 0]
-    noise = jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), z[..., None], lower=False)[..., 0]
-    return L * (mean_core + noise)
+    return L * solve_upper_t(chol, solve_lower(chol, L * b) + z)
 
 
 def _prob_exceeds(chol, L, b, threshold):
     """P(|mu| > threshold) under the Gaussian posterior of u (mu is component 0)."""
-    Lb = L * b
-    y = jax.scipy.linalg.solve_triangular(chol, Lb[..., None], lower=True)
-    mean = L[..., 0] * jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), y, lower=False)[..., 0, 0]
+    mean = L[..., 0] * solve_upper_t(chol, solve_lower(chol, L * b))[..., 0]
     e0 = jnp.zeros(chol.shape[:-1]).at[..., 0].set(1.0)
-    w = jax.scipy.linalg.solve_triangular(chol, e0[..., None], lower=True)[..., 0]
-    sd = L[..., 0] * jnp.sqrt(jnp.sum(w**2, -1))
+    sd = L[..., 0] * jnp.sqrt(jnp.sum(solve_lower(chol, e0) ** 2, -1))
     sd = jnp.maximum(sd, 1e-30)
     norm = dist.Normal(mean, sd)
     return norm.cdf(-threshold) + 1 - norm.cdf(threshold)
@@ -488,14 +548,15 @@ def _schur_mu(A, b, c, om2):
     Add = A[..., 1:, 1:] + jnp.eye(M) / om2
     Adm = A[..., 1:, 0]
     # delta prior normaliser: -1/2 sum log om2 ; Gaussian integral: +M/2 log 2pi - 1/2 logdet Add + 1/2 r' Add^-1 r
-    chol = jnp.linalg.cholesky(Add)
+    chol = cholesky(Add)
+
     def solve(v):
-        y = jax.scipy.linalg.solve_triangular(chol, v[..., None], lower=True)
-        return jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), y, lower=False)[..., 0]
+        return solve_upper_t(chol, solve_lower(chol, v))
+
     bd = b[..., 1:]
     s_b = solve(bd)
     s_a = solve(Adm)
-    logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    logdet = 2 * log_diag_sum(chol)
     c2 = c - 0.5 * jnp.sum(jnp.log(om2)) - 0.5 * logdet + 0.5 * jnp.sum(bd * s_b, -1)
     a2 = A[..., 0, 0] - jnp.sum(Adm * s_a, -1)
     b2 = b[..., 0] - jnp.sum(Adm * s_b, -1)
