@@ -65,10 +65,10 @@ class Problem:
         # the globals are shared by all edges: a random subset of edges locates their mode well
         sub = np.sort(np.random.default_rng(0).choice(E, min(E, MAP_EDGES), replace=False))
         small = base.subset(sub)
-        small.map_values = map_estimate(small, steps=500, lr=0.05, progress=progress)
+        small.map_values = map_estimate(small, steps=200, lr=0.05, progress=progress)
         for _ in range(2):
             small.grid = refine(small)
-        small.map_values = map_estimate(small, steps=300, lr=0.02, progress=progress)
+        small.map_values = map_estimate(small, steps=100, lr=0.02, progress=progress)
         base.map_values = small.map_values
         for _ in range(2):
             base.grid = refine(base)
@@ -110,8 +110,7 @@ def map_estimate(problem: Problem, steps: int, lr: float, progress: bool = False
     guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
     svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
     res = svi.run(jax.random.PRNGKey(1), steps, progress_bar=False)
-    values = guide.median(res.params)
-    return {k: np.asarray(v) for k, v in values.items()}
+    return {k: np.asarray(v) for k, v in guide.median(res.params).items()}
 
 
 def refine(problem: Problem) -> bm.TauGrid:
@@ -173,14 +172,14 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     key = jax.random.PRNGKey(seed)
     if inference == "nuts":
         chain_method = "parallel" if jax.local_device_count() >= chains else "sequential"
-        kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9,
-                      dense_mass=True)
+        kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9)
         mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                     progress_bar=progress)
-        mcmc.run(key, extra_fields=("diverging", "energy"))
+        mcmc.run(key, extra_fields=("diverging", "energy", "num_steps"))
         samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
         extra = mcmc.get_extra_fields(group_by_chain=True)
-        stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"])}
+        stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"]),
+                 "n_steps": np.asarray(extra["num_steps"])}
         return InferenceResult(samples=samples, sample_stats=stats, svi_loss=None)
     if problem.data.n_edges > SVI_EDGE_BATCH and problem.student_t is None:
         model = replace(problem, edge_batch=SVI_EDGE_BATCH).model

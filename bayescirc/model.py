@@ -326,7 +326,7 @@ class TauGrid:
         return TauGrid(log_tau=self.log_tau[idx], step=self.step[idx])
 
 
-def coarse_grid(n_edges: int, scale: float, points: int = 64) -> TauGrid:
+def coarse_grid(n_edges: int, scale: float, points: int = 40) -> TauGrid:
     """The same wide grid for every edge: tau from scale/3000 to 30*scale."""
     lt = np.linspace(math.log(scale / 3000), math.log(30 * scale), points)
     return TauGrid(log_tau=np.tile(lt, (n_edges, 1)), step=np.full(n_edges, lt[1] - lt[0]))
