@@ -190,7 +190,8 @@ def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
 
 def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: int = 1000, warmup: int | None = None,
         seed: int = 0, hdi_prob: float = 0.9, inclusion: str = "slab", threshold=None, likelihood: str = "gaussian",
-        progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None) -> FitResult:
+        progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None,
+        prior_scale: float | None = None) -> FitResult:
     """Fit the hierarchical model to per-input edge scores.
 
     Parameters
@@ -221,6 +222,9 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         SD of the spike (0: edges outside the circuit have exactly zero mean).
     svi_steps : int, optional
         SVI optimisation steps [default 3000].
+    prior_scale : float, optional
+        Typical score size the priors are relative to [default: RMS of the exact
+        (else first approximate) scores]; fixed for simulation-based calibration.
 
     Returns
     -------
@@ -274,7 +278,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         warnings.warn(note, FitWarning, stacklevel=2)
 
     table, type_idx, layer_idx, types, layers = _groups(stats.edges)
-    scale = _scale(stats)
+    scale = float(prior_scale) if prior_scale else _scale(stats)
     problem = engine.Problem.build(stats, type_idx, layer_idx, len(types), len(layers), scale, spike_sd,
                                    likelihood, exact_values, exact_mask, progress=progress)
     result = engine.run(problem, inference=inference, chains=chains, draws=draws,
