@@ -107,10 +107,25 @@ def _exact_label(fit: FitResult) -> str:
     return fit.summary.get("exact_method") or schema.EXACT
 
 
+MAX_GLOBAL_COMPONENTS = 24
+
+
 def _global_vars(fit: FitResult) -> list[str]:
-    """Posterior variables without an edge dimension: the ones trace and rank plots show."""
+    """Posterior variables without an edge dimension: the ones trace and rank plots show.
+
+    Variables with more than ``MAX_GLOBAL_COMPONENTS`` components (e.g. a
+    per-edge parameter stored under an anonymous dimension) are left out:
+    they are not global, and on GPT-2 they would mean thousands of panels.
+    """
     post = fit.idata.posterior
-    return [name for name, var in post.data_vars.items() if schema.DIM_EDGE not in var.dims]
+    names = []
+    for name, var in post.data_vars.items():
+        if schema.DIM_EDGE in var.dims:
+            continue
+        size = int(np.prod([post.sizes[d] for d in var.dims if d not in ("chain", "draw")], dtype=int))
+        if size <= MAX_GLOBAL_COMPONENTS:
+            names.append(name)
+    return names
 
 
 def default_edges(fit: FitResult, n: int = 3) -> list[str]:
@@ -242,6 +257,8 @@ def plot_rank(fit, var_names: Sequence[str] | None = None) -> Figure:
 
     fit = _as_fit(fit)
     names = _var_names(fit, var_names)
+    while len(names) > 1 and _n_panels(fit, names) > 2 * MAX_GLOBAL_COMPONENTS:
+        names = names[:-1]  # one panel per component: keep the figure readable
     n = _n_panels(fit, names)
     cols = min(4, n)
     rows = -(-n // cols)
