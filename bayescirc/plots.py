@@ -237,6 +237,10 @@ def plot_trace(fit, var_names: Sequence[str] | None = None) -> Figure:
     axes = fig.subplots(len(names), 2, squeeze=False)
     with _arviz_quiet():
         az.plot_trace(fit.idata, var_names=names, axes=axes, compact=True, legend=True, show=False)
+    for ax in axes.ravel():
+        legend = ax.get_legend()
+        if legend is not None and len(legend.get_texts()) > 6:
+            legend.remove()  # e.g. one line per edge type: a legend that long hides the panel
     for ax in axes[:, 0]:
         ax.set_xlabel("parameter value")
         ax.set_ylabel("density")
@@ -716,7 +720,7 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
     fig.colorbar(sm, ax=ax, label="inclusion probability (width, opacity)", shrink=0.8)
     handles = [Line2D([], [], color=CIRCUIT_COLOUR, lw=2, label=f"median-probability circuit ({len(circuit)} edges)")]
     handles += [Line2D([], [], color="#555", ls=styles[x], label=f"into head <{x}>") for x in ("q", "k", "v")]
-    ax.legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     info = run_info(fit)
     ax.set_title(_title(fit, "Circuit graph")
                  + f"\nshowing {len(shown)} of {len(fit.edges)} edges (inclusion ≥ {threshold:g}, top {max_edges});"
