@@ -57,7 +57,7 @@ def _task_for(model, task) -> Path | str:
 
 
 def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, exact_inputs: int = 50, *,
-         task=None, methods=DEMO_METHODS, chains: int = 2, draws: int = 500, ig_steps: int = 5, seed: int = 0,
+         task=None, methods=DEMO_METHODS, chains: int = 2, draws: int = 300, ig_steps: int = 5, seed: int = 0,
          device: str = "auto", progress: bool = True, echo=print) -> DemoResult:
     """Run collect -> fit -> circuits -> report and say where the report and the circuit are.
 
@@ -74,7 +74,7 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
     task : path or DataFrame, optional
         Default: the model directory's ``task.jsonl``.
     methods : sequence of str, default ("exact", "eap", "eap-ig-inputs")
-    chains, draws : int, default 2, 500
+    chains, draws : int, default 2, 300
         NUTS settings of the fit.
     ig_steps : int, default 5
     seed : int, default 0

@@ -107,10 +107,25 @@ def _exact_label(fit: FitResult) -> str:
     return fit.summary.get("exact_method") or schema.EXACT
 
 
+MAX_GLOBAL_COMPONENTS = 24
+
+
 def _global_vars(fit: FitResult) -> list[str]:
-    """Posterior variables without an edge dimension: the ones trace and rank plots show."""
+    """Posterior variables without an edge dimension: the ones trace and rank plots show.
+
+    Variables with more than ``MAX_GLOBAL_COMPONENTS`` components (e.g. a
+    per-edge parameter stored under an anonymous dimension) are left out:
+    they are not global, and on GPT-2 they would mean thousands of panels.
+    """
     post = fit.idata.posterior
-    return [name for name, var in post.data_vars.items() if schema.DIM_EDGE not in var.dims]
+    names = []
+    for name, var in post.data_vars.items():
+        if schema.DIM_EDGE in var.dims:
+            continue
+        size = int(np.prod([post.sizes[d] for d in var.dims if d not in ("chain", "draw")], dtype=int))
+        if size <= MAX_GLOBAL_COMPONENTS:
+            names.append(name)
+    return names
 
 
 def default_edges(fit: FitResult, n: int = 3) -> list[str]:
@@ -222,6 +237,10 @@ def plot_trace(fit, var_names: Sequence[str] | None = None) -> Figure:
     axes = fig.subplots(len(names), 2, squeeze=False)
     with _arviz_quiet():
         az.plot_trace(fit.idata, var_names=names, axes=axes, compact=True, legend=True, show=False)
+    for ax in axes.ravel():
+        legend = ax.get_legend()
+        if legend is not None and len(legend.get_texts()) > 6:
+            legend.remove()  # e.g. one line per edge type: a legend that long hides the panel
     for ax in axes[:, 0]:
         ax.set_xlabel("parameter value")
         ax.set_ylabel("density")
@@ -242,6 +261,8 @@ def plot_rank(fit, var_names: Sequence[str] | None = None) -> Figure:
 
     fit = _as_fit(fit)
     names = _var_names(fit, var_names)
+    while len(names) > 1 and _n_panels(fit, names) > 2 * MAX_GLOBAL_COMPONENTS:
+        names = names[:-1]  # one panel per component: keep the figure readable
     n = _n_panels(fit, names)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -699,7 +720,7 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
     fig.colorbar(sm, ax=ax, label="inclusion probability (width, opacity)", shrink=0.8)
     handles = [Line2D([], [], color=CIRCUIT_COLOUR, lw=2, label=f"median-probability circuit ({len(circuit)} edges)")]
     handles += [Line2D([], [], color="#555", ls=styles[x], label=f"into head <{x}>") for x in ("q", "k", "v")]
-    ax.legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     info = run_info(fit)
     ax.set_title(_title(fit, "Circuit graph")
                  + f"\nshowing {len(shown)} of {len(fit.edges)} edges (inclusion ≥ {threshold:g}, top {max_edges});"

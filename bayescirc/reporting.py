@@ -295,6 +295,8 @@ def _scores_section(fit: FitResult, scores) -> str:
 def _load_stability(stability) -> dict:
     if isinstance(stability, str | os.PathLike):
         path = Path(stability)
+        if path.is_dir():  # the directory `bayescirc stability --out DIR` writes
+            path = path / "stability.json"
         try:
             stability = json.loads(path.read_text())
         except FileNotFoundError:
@@ -337,8 +339,8 @@ def report(fit, out: str | os.PathLike = "report.html", scores=None, stability=N
     scores : DataFrame or path, optional
         The per-input scores the fit used; adds posterior predictive checks and
         the exact-vs-approximate scatter.
-    stability : dict or path of a JSON file, optional
-        The output of ``bayescirc stability``; adds its summary.
+    stability : dict, or path of a JSON file or of a ``bayescirc stability --out`` directory, optional
+        The summary of ``bayescirc stability`` (``DIR/stability.json``); adds it to the report.
     top : int, default 30
         Edges in the top-edge table and forest plot.
 

@@ -163,8 +163,8 @@ Bayesian one; its JSON goes into the report."""),
 
 from bayescirc.reporting import report
 
-stability_files = sorted((OUT / "stability").glob("*.json"))
-stability = json.loads(stability_files[0].read_text()) if stability_files else None
+stability = json.loads((OUT / "stability" / "stability.json").read_text())
+print(json.dumps(stability, indent=1)[:2000])
 path = report(result, OUT / "report.html", scores=OUT / "scores.parquet", stability=stability)
 print(f"open {path.resolve()}")"""),
 ]

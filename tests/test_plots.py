@@ -227,3 +227,20 @@ def test_gpt2_sized_circuit_graph_shows_tens_of_edges(rng):
     assert len(red) == len(circuit)
     assert f"of {graph.n_edges} edges" in fig.axes[0].get_title()
     _check_figure(fig, fit)
+
+
+def test_global_parameters_exclude_per_edge_and_oversized_variables(sim):
+    import arviz as az
+
+    fit = make_fit(sim)
+    post = {k: fit.idata.posterior[k].values for k in fit.idata.posterior.data_vars}
+    post["layer_z"] = np.zeros((2, 100, 3))           # a global over layers: kept
+    post["df"] = np.ones((2, 100, len(fit.edge_names)))  # per edge under an anonymous dim: left out
+    dims = {"mu": ["edge"], "inclusion": ["edge"], "tau": ["edge"], "layer_z": ["layer"],
+            **{k: ["method"] for k in ("alpha", "beta", "sigma", "omega")}}
+    fit.idata = az.from_dict(posterior=post, sample_stats={k: fit.idata.sample_stats[k].values for k in ("diverging", "energy")},
+                             dims=dims, coords={"edge": fit.edge_names, "method": list(fit.idata.posterior.method.values)})
+    names = plots._global_vars(fit)
+    assert "layer_z" in names and "df" not in names and "mu" not in names
+    assert set(names) == {"alpha", "beta", "sigma", "omega", "slab_sd", "tau_scale", "layer_z"}
+    _check_figure(plots.plot(fit, "rank"), fit)

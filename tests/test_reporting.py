@@ -76,8 +76,10 @@ def test_report_is_self_contained_and_has_every_section(tmp_path, sim):
 def test_report_from_a_fit_directory_and_a_stability_file(tmp_path, sim):
     fit = make_fit(sim, inference="svi")
     fit.save(tmp_path / "fit")
-    (tmp_path / "stab.json").write_text(json.dumps({"n_boot": 50, "jaccard_mean": 0.7}))
-    page = reporting.report(tmp_path / "fit", tmp_path / "r.html", stability=tmp_path / "stab.json").read_text()
+    (tmp_path / "stability").mkdir()
+    (tmp_path / "stability" / "stability.json").write_text(json.dumps({"n_boot": 50, "jaccard_mean": 0.7}))
+    page = reporting.report(tmp_path / "fit", tmp_path / "r.html", stability=tmp_path / "stability").read_text()
+    assert "0.7" in page and "n_boot" in page
     assert "SVI loss" in page or "svi" in page.lower()
     assert page.count("<img ") == 6  # trace, rank, loss, decomposition, forest, circuit
     assert "id='ppc'" not in page

@@ -16,7 +16,7 @@ import click
               help="Inputs scored by the approximate methods (EAP, EAP-IG).")
 @click.option("--exact-inputs", type=int, default=50, show_default=True,
               help="Of those, the first K also scored by exact activation patching (one patched run per edge and input).")
-@click.option("--draws", type=int, default=500, show_default=True, help="NUTS draws per chain in the fit.")
+@click.option("--draws", type=int, default=300, show_default=True, help="NUTS draws per chain in the fit.")
 @click.option("--chains", type=int, default=2, show_default=True, help="NUTS chains.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @click.option("--device", default="auto", show_default=True, help="Torch device for collection: auto, cpu, cuda.")
@@ -31,7 +31,7 @@ def command(out, model, task, n_inputs, exact_inputs, draws, chains, seed, devic
 
     \b
       bayescirc collect --model MODEL --task MODEL/task.jsonl --n-inputs 200 --exact-inputs 50 --out OUT/scores.parquet
-      bayescirc fit OUT/scores.parquet --draws 500 --out OUT/fit
+      bayescirc fit OUT/scores.parquet --draws 300 --out OUT/fit
       bayescirc circuits OUT/fit --out OUT/circuits
       bayescirc report OUT/fit --scores OUT/scores.parquet --out OUT/report.html
     """

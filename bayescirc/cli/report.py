@@ -12,8 +12,9 @@ import click
 @click.option("--scores", "-s", type=click.Path(exists=True), default=None,
               help="The scores.parquet the fit used: adds posterior predictive checks and the exact-vs-approximate "
                    "scatter of the most probable edges.")
-@click.option("--stability", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="JSON written by `bayescirc stability`: adds the stability summary.")
+@click.option("--stability", type=click.Path(exists=True), default=None,
+              help="The output of `bayescirc stability SCORES --out DIR`: DIR or DIR/stability.json. "
+                   "Adds the stability summary.")
 @click.option("--top", type=int, default=30, show_default=True, help="Edges in the top-edge table and forest plot.")
 def command(fit_dir, out, scores, stability, top):
     """Write one HTML report of the fit in FIT_DIR: run metadata, diagnostics with
