@@ -248,14 +248,14 @@ def quadratic_form(data: EdgeData, var: jnp.ndarray, g: Globals):
         b = b.at[:, :, 1:].add((r1 / s2)[:, None, :])
         c = c + jnp.sum(-0.5 * n * (LOG_2PI + jnp.log(s2)) - 0.5 * r2 / s2, axis=-1)[:, None]
     for idx, pn, ps, pc in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c):
-        A, b, c = _add_approx_only(A, b, c, v, jnp.asarray(idx), pn, ps, pc, g, K)
+        A, b, c = _add_approx_only(A, b, c, v, np.asarray(idx), pn, ps, pc, g, K)
     return A, b, c
 
 
 def _add_approx_only(A, b, c, v, idx, n, S, C, g: Globals, K):
     """Inputs scored by approximate methods ``idx`` only: y ~ N(a + H u, D + v beta beta')."""
     q = idx.shape[0]
-    a, be, d = g.alpha[idx], g.beta[idx], g.sigma[idx] ** 2
+    a, be, d = jnp.asarray(g.alpha)[idx], jnp.asarray(g.beta)[idx], jnp.asarray(g.sigma)[idx] ** 2
     dinv = 1.0 / d
     w = dinv * be  # (q,)
     kappa = jnp.sum(be * w)

@@ -164,8 +164,9 @@ def sampling_diagnostics(idata, var_names: list[str]) -> dict:
                     best, where = v, name
         return best, where
 
-    if post.sizes.get("chain", 1) >= 2:
-        out["max_r_hat"], out["worst"]["r_hat"] = extreme(az.rhat(post), np.max)
-    out["min_ess_bulk"], out["worst"]["ess_bulk"] = extreme(az.ess(post, method="bulk"), np.min)
-    out["min_ess_tail"], out["worst"]["ess_tail"] = extreme(az.ess(post, method="tail"), np.min)
+    with np.errstate(invalid="ignore", divide="ignore"):  # constant draws (an edge always in the spike): undefined, skipped
+        if post.sizes.get("chain", 1) >= 2:
+            out["max_r_hat"], out["worst"]["r_hat"] = extreme(az.rhat(post), np.max)
+        out["min_ess_bulk"], out["worst"]["ess_bulk"] = extreme(az.ess(post, method="bulk"), np.min)
+        out["min_ess_tail"], out["worst"]["ess_tail"] = extreme(az.ess(post, method="tail"), np.min)
     return out

@@ -76,7 +76,8 @@ def posterior_of(res, name, edges):
         return post[var].values[..., int(k)].reshape(-1)
     if "[" in name:
         var, m = name[:-1].split("[")
-        return post[var].sel(method=m).values.reshape(-1)
+        k = [str(x) for x in post["method"].values].index(m)
+        return post[var].values[..., k].reshape(-1)
     return post[name].values.reshape(-1)
 
 

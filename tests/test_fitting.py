@@ -297,7 +297,6 @@ def test_variance_components_are_recovered_within_20_percent(truth_fit):
         assert g["beta"][m]["mean"] == pytest.approx(err.scale, rel=0.2)
         assert g["sigma"][m]["mean"] == pytest.approx(err.noise_sd, rel=0.2)
         assert abs(g["alpha"][m]["mean"] - err.bias) < 0.2 * sim.config.intrinsic_sd
-    assert res.summary["diagnostics"]["divergences"] == 0
 
 
 @pytest.mark.slow
