@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONHASHSEED = 0
 
-.PHONY: demo test test-fast install lint clean
+.PHONY: demo test test-fast install browser lint clean
 
 # venv with torch first (so the open torch range installs nothing more), then the package.
 $(VENV)/.installed: pyproject.toml
@@ -30,11 +30,17 @@ $(VENV_TL3)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/bayescirc simulate --out demo-out/sim.parquet
-	$(VENV)/bin/bayescirc inspect demo-out/sim.parquet
-	@echo "demo: collect, fit, circuits and report are not built yet; this ran simulate -> inspect."
+	JAX_PLATFORMS=cpu $(VENV)/bin/bayescirc demo --out demo-out
 
-test: $(VENV)/.installed $(VENV_TL3)/.installed
+# Headless Chromium for the report's browser test (Debian's package; needs root or sudo).
+# Without it the browser test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null ) \
+	  || echo "warning: could not install chromium; the report's browser test will be skipped"; }
+
+test: $(VENV)/.installed $(VENV_TL3)/.installed browser
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
 	JAX_PLATFORMS=cpu $(VENV_TL3)/bin/python -m pytest -m tl
 

@@ -35,7 +35,7 @@ from . import schema
 from ._io import atomic_dir
 from .errors import BayescircError
 
-__all__ = ["FitResult", "load_fit", "stacked_draws"]
+__all__ = ["FitResult", "load_fit", "make_idata", "sampling_diagnostics", "stacked_draws"]
 
 
 @dataclass
@@ -84,6 +84,12 @@ class FitResult:
     def edge_names(self) -> list[str]:
         return [str(e) for e in self.idata.posterior[schema.DIM_EDGE].values]
 
+    def sample_circuits(self, n: int | None = None, rule: str = "slab", seed: int = 0):
+        """Sample circuits from this posterior; see :func:`bayescirc.circuits.sample_circuits`."""
+        from .circuits import sample_circuits
+
+        return sample_circuits(self, n=n, rule=rule, seed=seed)
+
 
 def _json_default(value):
     if isinstance(value, np.generic):
@@ -117,3 +123,49 @@ def stacked_draws(idata, var: str) -> np.ndarray:
         raise BayescircError(f"the posterior has no variable {var!r} (it has {sorted(idata.posterior.data_vars)}).")
     values = idata.posterior[var].values
     return values.reshape(-1, *values.shape[2:])
+
+
+def make_idata(posterior: dict, coords: dict, dims: dict, sample_stats: dict | None = None,
+               observed_data: dict | None = None, attrs: dict | None = None):
+    """Build the InferenceData of a fit from ``{name: array (chain, draw, ...)}`` dictionaries.
+
+    ``dims`` maps each variable to the names of its dimensions after (chain,
+    draw), e.g. ``{"mu": ["edge"]}``; ``coords`` gives their labels.
+    """
+    import arviz as az
+
+    idata = az.from_dict(posterior=posterior, sample_stats=sample_stats or None, coords=coords, dims=dims,
+                         observed_data=observed_data or None, attrs=attrs or {})
+    return idata
+
+
+def sampling_diagnostics(idata, var_names: list[str]) -> dict:
+    """Max r_hat and min bulk/tail ESS over ``var_names`` (None when there is a single chain or draw)."""
+    import arviz as az
+
+    names = [v for v in var_names if v in idata.posterior]
+    post = idata.posterior[names]
+    if post.sizes.get("chain", 1) < 2 or post.sizes.get("draw", 1) < 4:
+        ess_ok = post.sizes.get("draw", 1) >= 4
+    else:
+        ess_ok = True
+    out = {"max_r_hat": None, "min_ess_bulk": None, "min_ess_tail": None, "worst": {}}
+    if not names or not ess_ok:
+        return out
+
+    def extreme(ds, fn):
+        best, where = None, None
+        for name, arr in ds.data_vars.items():
+            values = np.asarray(arr.values, float)
+            values = values[np.isfinite(values)]
+            if values.size:
+                v = float(fn(values))
+                if best is None or fn([best, v]) == v:
+                    best, where = v, name
+        return best, where
+
+    if post.sizes.get("chain", 1) >= 2:
+        out["max_r_hat"], out["worst"]["r_hat"] = extreme(az.rhat(post), np.max)
+    out["min_ess_bulk"], out["worst"]["ess_bulk"] = extreme(az.ess(post, method="bulk"), np.min)
+    out["min_ess_tail"], out["worst"]["ess_tail"] = extreme(az.ess(post, method="tail"), np.min)
+    return out

@@ -1,0 +1,316 @@
+"""Inference for :mod:`bayescirc.fitting`: MAP start, grid refinement, NUTS/SVI, per-edge draws (JAX)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from jax.scipy.special import logsumexp
+from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, init_to_value
+from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal
+
+from . import model as bm
+from .model import Globals
+
+SVI_LOSS_POINTS = 200
+MAP_EDGES = 600  # edges used to locate the mode of the globals before the grids are refined
+SVI_EDGE_BATCH = 2000  # SVI subsamples this many edges per step above that size
+
+
+@dataclass
+class Problem:
+    """Everything the sampler needs: data, grids, groups and the (optional) Student-t table."""
+
+    data: bm.EdgeData
+    grid: bm.TauGrid
+    type_idx: np.ndarray
+    layer_idx: np.ndarray
+    n_types: int
+    n_layers: int
+    scale: float
+    spike_sd: float
+    exact_present: bool
+    student_t: bm.StudentTTable | None
+    map_values: dict
+    naive_effect: np.ndarray
+    edge_batch: int | None = None
+
+    def subset(self, idx) -> Problem:
+        return replace(self, data=self.data.take(idx), grid=self.grid.take(idx), type_idx=self.type_idx[idx],
+                       layer_idx=self.layer_idx[idx], edge_batch=None)
+
+    @property
+    def model(self):
+        data = self.data
+        if self.student_t is not None:
+            data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
+        return partial(bm.collapsed_model, data, self.grid, jnp.asarray(self.type_idx), jnp.asarray(self.layer_idx),
+                       self.n_types, self.n_layers, self.scale, spike_sd=self.spike_sd,
+                       exact_present=self.exact_present, student_t=self.student_t, edge_batch=self.edge_batch)
+
+    @classmethod
+    def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
+              exact_mask, progress=False) -> Problem:
+        data, _ = bm.edge_data(stats)
+        E = data.n_edges
+        exact_present = bool(np.asarray(data.n_x).sum() > 0)
+        base = cls(data=data, grid=bm.coarse_grid(E, scale), type_idx=type_idx, layer_idx=layer_idx, n_types=n_types,
+                   n_layers=n_layers, scale=scale, spike_sd=spike_sd, exact_present=exact_present, student_t=None,
+                   map_values=_init_values(data.n_methods, scale), naive_effect=np.zeros(E))
+        # the globals are shared by all edges: a random subset of edges locates their mode well
+        sub = np.sort(np.random.default_rng(0).choice(E, min(E, MAP_EDGES), replace=False))
+        small = base.subset(sub)
+        small.map_values = map_estimate(small, steps=200, lr=0.05, progress=progress)
+        for _ in range(2):
+            small.grid = refine(small)
+        small.map_values = map_estimate(small, steps=100, lr=0.02, progress=progress)
+        base.map_values = small.map_values
+        for _ in range(2):
+            base.grid = refine(base)
+        base.naive_effect = _posterior_mean_mu(base)
+        if likelihood == "student-t":
+            if spike_sd > 0:
+                from .errors import FitError
+
+                raise FitError("likelihood='student-t' supports a point-mass spike only (spike_sd=0).")
+            centre, sd = _mu_centre(base)
+            base.student_t = bm.student_t_table(exact_values, exact_mask, base.grid, centre, sd)
+        return base
+
+
+def _init_values(M, scale):
+    values = {"slab_sd": scale, "pi": 0.2, "tau_loc": math.log(0.5 * scale), "tau_spread": 0.5, "type_sd": 0.2,
+              "layer_sd": 0.2}
+    if M:
+        values.update(alpha=np.zeros(M), beta=np.ones(M), sigma=np.full(M, 0.3 * scale), omega=np.full(M, 0.1 * scale))
+    return values
+
+
+def _globals(sample: dict, M: int, spike_sd: float) -> Globals:
+    z = jnp.zeros(0)
+    return Globals(alpha=sample.get("alpha", z) if M else z, beta=sample.get("beta", z) if M else z,
+                   sigma=sample.get("sigma", z) if M else z, omega=sample.get("omega", z) if M else z,
+                   slab_sd=sample["slab_sd"], spike_sd=spike_sd, pi=sample["pi"])
+
+
+def _tau_prior(problem: Problem, sample: dict):
+    tm = bm.tau_means(sample["tau_loc"], sample["type_sd"] * sample["type_z"], sample["layer_sd"] * sample["layer_z"],
+                      jnp.asarray(problem.type_idx), jnp.asarray(problem.layer_idx))
+    return tm, sample["tau_spread"]
+
+
+def map_estimate(problem: Problem, steps: int, lr: float, progress: bool = False) -> dict:
+    """Posterior mode of the globals (SVI with a point-mass guide), starting from ``problem.map_values``."""
+    model = problem.model
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
+    svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+    res = svi.run(jax.random.PRNGKey(1), steps, progress_bar=False)
+    return {k: np.asarray(v) for k, v in guide.median(res.params).items()}
+
+
+def refine(problem: Problem) -> bm.TauGrid:
+    sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
+    sample.setdefault("type_z", jnp.zeros(problem.n_types))
+    sample.setdefault("layer_z", jnp.zeros(problem.n_layers))
+    g = _globals(sample, problem.data.n_methods, problem.spike_sd)
+    tm, ts = _tau_prior(problem, sample)
+    E = problem.data.n_edges
+    step = max(1, int(2e6 // problem.grid.log_tau.shape[1]))
+    parts = [_refine_jit(problem.data.take(sl), problem.grid.take(sl), g, tm[sl], ts)
+             for sl in (slice(s, s + step) for s in range(0, E, step))]
+    return bm.TauGrid(log_tau=np.concatenate([np.asarray(p.log_tau) for p in parts]),
+                      step=np.concatenate([np.asarray(p.step) for p in parts]))
+
+
+@jax.jit
+def _refine_jit(data, grid, g, tm, ts):
+    return bm.refine_grid(data, grid, g, tm, ts)
+
+
+def _conditional_mu(problem: Problem):
+    """Slab-conditional posterior mean and SD of mu at the MAP, tau at the grid centre."""
+    sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
+    g = _globals(sample, problem.data.n_methods, problem.spike_sd)
+    G = problem.grid.log_tau.shape[1]
+    var = jnp.exp(2 * jnp.asarray(problem.grid.log_tau[:, G // 2 : G // 2 + 1]))
+    A, b, c = bm.quadratic_form(problem.data, var, g)
+    prior = bm._prior_vars(g, problem.data.n_methods, jnp.full(var.shape, g.slab_sd**2))
+    _, chol, L = bm.gaussian_evidence(A, b, c, prior)
+    mean = bm._posterior_draw(chol, L, b, jnp.zeros(b.shape))[:, 0, 0]
+    e0 = jnp.zeros(b.shape).at[..., 0].set(1.0)
+    sd = L[..., 0] * jnp.sqrt(jnp.sum(bm.solve_lower(chol, e0) ** 2, -1))
+    return np.asarray(mean), np.asarray(sd[:, 0])
+
+
+def _posterior_mean_mu(problem: Problem) -> np.ndarray:
+    return _conditional_mu(problem)[0]
+
+
+def _mu_centre(problem: Problem):
+    mean, sd = _conditional_mu(problem)
+    return mean, np.maximum(sd, 1e-6 * problem.scale)
+
+
+# --- inference ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class InferenceResult:
+    samples: dict  # site -> (chain, draw, ...)
+    sample_stats: dict
+    svi_loss: np.ndarray | None
+
+
+def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, seed: int, progress: bool,
+        svi_steps: int) -> InferenceResult:
+    model = problem.model
+    key = jax.random.PRNGKey(seed)
+    if inference == "nuts":
+        chain_method = "parallel" if jax.local_device_count() >= chains else "sequential"
+        kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9)
+        mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
+                    progress_bar=progress)
+        mcmc.run(key, extra_fields=("diverging", "energy", "num_steps"))
+        samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+        extra = mcmc.get_extra_fields(group_by_chain=True)
+        stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"]),
+                 "n_steps": np.asarray(extra["num_steps"])}
+        return InferenceResult(samples=samples, sample_stats=stats, svi_loss=None)
+    if problem.data.n_edges > SVI_EDGE_BATCH and problem.student_t is None:
+        model = replace(problem, edge_batch=SVI_EDGE_BATCH).model
+    n_latent = sum(int(np.size(v)) for v in problem.map_values.values())
+    guide_cls = AutoMultivariateNormal if n_latent <= 200 else AutoLowRankMultivariateNormal
+    guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values), init_scale=0.01)
+    svi = SVI(model, guide, numpyro.optim.Adam(0.005), Trace_ELBO(num_particles=2))
+    res = svi.run(key, svi_steps, progress_bar=progress)
+    losses = np.asarray(res.losses)
+    samples = guide.sample_posterior(jax.random.fold_in(key, 1), res.params, sample_shape=(chains * draws,))
+    samples = {k: np.asarray(v)[None] for k, v in samples.items() if k in problem.map_values or k in ("type_z", "layer_z")}
+    return InferenceResult(samples=samples, sample_stats={}, svi_loss=losses)
+
+
+# --- per-edge draws ---------------------------------------------------------------------------------------
+
+
+def _t_conditionals(key, data, grid, g, tau_mean, tau_spread, table, threshold=None):
+    """Student-t analogue of :func:`bayescirc.model.edge_conditionals`."""
+    k_df, k_tau, k_ind, k_mu, k_jit, k_d = jax.random.split(key, 6)
+    log_w, log_spike, log_slab, gauss = bm.student_t_parts(data, grid, g, tau_mean, tau_spread, table)
+    _, per_df = bm.student_t_total(log_w)
+    d = jax.random.categorical(k_df, per_df)
+    lw, ls0, ls1 = log_w[d], log_spike[d], log_slab[d]
+    E = lw.shape[0]
+    rows = jnp.arange(E)
+    gi = jax.random.categorical(k_tau, lw, axis=-1)
+    p_slab = jax.nn.sigmoid(jnp.log(g.pi) + ls1 - jnp.log1p(-g.pi) - ls0)  # (E, G)
+    inclusion = jnp.sum(jax.nn.softmax(lw, -1) * p_slab, -1)
+    p_here = p_slab[rows, gi]
+    slab = jax.random.uniform(k_ind, (E,)) < p_here
+    mu_grid = jnp.asarray(table.mu)
+    slab_prior = numpyro.distributions.Normal(0.0, g.slab_sd).log_prob(mu_grid)
+    logits = jnp.asarray(table.log_lik)[d][rows, :, gi] + gauss[rows, gi, :] + slab_prior  # (E, J)
+    j = jax.random.categorical(k_mu, logits, axis=-1)
+    jitter = (jax.random.uniform(k_jit, (E,)) - 0.5) * jnp.asarray(table.mu_step)
+    mu = jnp.where(slab, mu_grid[rows, j] + jitter, 0.0)
+    if threshold is not None:
+        post = jax.nn.softmax(logits, -1)
+        inclusion = p_here * jnp.sum(post * (jnp.abs(mu_grid) > threshold), -1)
+    log_tau = jnp.asarray(grid.log_tau)[rows, gi]
+    var = jnp.exp(2 * log_tau)[:, None]
+    A, b, _ = bm.quadratic_form(data, var, g)
+    A, b = A[:, 0], b[:, 0]
+    M = data.n_methods
+    if M:
+        Add = A[:, 1:, 1:] + jnp.eye(M) / jnp.maximum(g.omega**2, 1e-30)
+        rhs = b[:, 1:] - A[:, 1:, 0] * mu[:, None]
+        chol = bm.cholesky(Add)
+        z = jax.random.normal(k_d, (E, M))
+        delta = bm.solve_upper_t(chol, bm.solve_lower(chol, rhs) + z)
+    else:
+        delta = jnp.zeros((E, 0))
+    tau = jnp.exp(log_tau + (jax.random.uniform(k_jit, (E,)) - 0.5) * jnp.asarray(grid.step))
+    return {"mu": mu, "delta": delta, "tau": tau, "inclusion": inclusion, "df": jnp.asarray(bm.STUDENT_T_DF)[d]}
+
+
+def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: float | None,
+               progress: bool = False, keep_delta_max: float = 5e7) -> dict:
+    """Per-edge draws for every posterior draw of the globals, plus running sums for the error summaries."""
+    from tqdm.auto import tqdm
+
+    samples = result.samples
+    C, D = next(iter(samples.values())).shape[:2]
+    flat = {k: jnp.asarray(v.reshape(C * D, *v.shape[2:])) for k, v in samples.items()}
+    E = problem.data.n_edges
+    M = problem.data.n_methods
+    G = problem.grid.log_tau.shape[1]
+    data = problem.data
+    if problem.student_t is not None:
+        data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
+
+    def one(key, sample):
+        g = _globals(sample, M, problem.spike_sd)
+        tm, ts = _tau_prior(problem, sample)
+        if problem.student_t is None:
+            out = bm.edge_conditionals(key, data, problem.grid, g, tm, ts, threshold=threshold)
+            out["df"] = jnp.asarray(jnp.inf)
+        else:
+            out = _t_conditionals(key, data, problem.grid, g, tm, ts, problem.student_t, threshold=threshold)
+        if M:
+            err = g.alpha + (g.beta - 1) * out["mu"][:, None] + out["delta"]  # (E, M)
+            out["err"] = err
+            out["err_sd"] = jnp.sqrt((g.beta - 1) ** 2 * out["tau"][:, None] ** 2 + g.sigma**2)
+            out["intr"] = g.beta**2 * out["tau"][:, None] ** 2
+        return out
+
+    per_draw = E * G * (1 + M) ** 2 * 8 * 8
+    if problem.student_t is not None:
+        per_draw += problem.student_t.log_lik.size * 8 * 3
+    chunk = int(max(1, min(C * D, 4e8 // per_draw)))
+    fn = jax.jit(jax.vmap(one))
+    keys = jax.random.split(jax.random.PRNGKey(seed + 7919), C * D)
+    keep_delta = M and C * D * E * M <= keep_delta_max
+    mu = np.zeros((C * D, E), np.float32)
+    tau = np.zeros((C * D, E), np.float32)
+    inc = np.zeros((C * D, E), np.float32)
+    df = np.zeros(C * D)
+    delta = np.zeros((C * D, E, M), np.float32) if keep_delta else None
+    acc = {k: np.zeros((E, M)) for k in ("err", "err2", "err_sd", "intr")}
+    bar = tqdm(total=C * D, desc="edge draws", unit="draw", disable=not progress)
+    for s in range(0, C * D, chunk):
+        sl = slice(s, min(C * D, s + chunk))
+        out = fn(keys[sl], {k: v[sl] for k, v in flat.items()})
+        mu[sl] = np.asarray(out["mu"])
+        tau[sl] = np.asarray(out["tau"])
+        inc[sl] = np.asarray(out["inclusion"])
+        df[sl] = np.asarray(out["df"])
+        if M:
+            err = np.asarray(out["err"])
+            acc["err"] += err.sum(0)
+            acc["err2"] += (err**2).sum(0)
+            acc["err_sd"] += np.asarray(out["err_sd"]).sum(0)
+            acc["intr"] += np.asarray(out["intr"]).sum(0)
+            if keep_delta:
+                delta[sl] = np.asarray(out["delta"])
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    n = C * D
+    shape = (C, D)
+    res = {"mu": mu.reshape(*shape, E), "tau": tau.reshape(*shape, E), "inclusion": inc.reshape(*shape, E),
+           "delta": None if delta is None else delta.reshape(*shape, E, M), "df": df.reshape(shape),
+           **{k: v / n for k, v in acc.items()}}
+    return res
+
+
+def thin(values: np.ndarray, points: int = SVI_LOSS_POINTS) -> list[float]:
+    if values is None or len(values) == 0:
+        return []
+    idx = np.unique(np.linspace(0, len(values) - 1, min(points, len(values))).astype(int))
+    return [float(values[i]) for i in idx]
+
+
+__all__ = ["Problem", "InferenceResult", "run", "edge_draws", "thin", "logsumexp"]

@@ -1,0 +1,102 @@
+"""`bayescirc fit`: the hierarchical model on a scores file -> a fit directory."""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+
+def _print_summary(res, top: int) -> None:
+    s = res.summary
+    edges = res.edges.sort_values("inclusion_prob", ascending=False).head(top)
+    click.echo(f"\n{s['n_edges']} edges, {s['n_inputs']} inputs, methods: "
+               f"{', '.join(([s['exact_method']] if s['exact_method'] else []) + s['methods'])}; "
+               f"{s['inference'].upper()}, {s['likelihood']} likelihood, inclusion rule: {s['inclusion_rule']}")
+    hp = s["hdi_prob"]
+    click.echo(f"\nTop {len(edges)} edges by inclusion probability (effect: posterior mean [{hp:.0%} HDI], metric units):")
+    width = max(8, int(edges["edge"].str.len().max() if len(edges) else 8))
+    click.echo(f"  {'edge':<{width}}  incl.   effect   [{'low':>8}, {'high':>8}]  intrinsic sd")
+    for row in edges.itertuples():
+        lo, hi, mean = (round(v, 4) + 0.0 for v in (row.effect_hdi_low, row.effect_hdi_high, row.effect_mean))
+        click.echo(f"  {row.edge:<{width}}  {row.inclusion_prob:5.3f}  {mean:+8.4f} [{lo:+8.4f}, "
+                   f"{hi:+8.4f}]  {row.intrinsic_sd:8.4f}")
+    click.echo("\nVariance of one per-input score around the edge's true mean effect (share):")
+    click.echo(f"  {'method':<20} intrinsic  approximation  aggregation")
+    for m, sh in s["decomposition"]["per_method"].items():
+        click.echo(f"  {m:<20} {sh['intrinsic']:9.1%}  {sh['approximation']:13.1%}  {sh['aggregation']:11.1%}")
+    d = s["diagnostics"]
+    if s["inference"] == "nuts":
+        click.echo(f"\nDiagnostics: max r_hat {_fmt(d['max_r_hat'], '.3f')}, min ESS bulk/tail "
+                   f"{_fmt(d['min_ess_bulk'], '.0f')}/{_fmt(d['min_ess_tail'], '.0f')}, divergences {d['divergences']}")
+    else:
+        click.echo(f"\nDiagnostics: SVI final loss {_fmt(d['svi_final_loss'], '.2f')}")
+    click.echo(f"Posterior predictive check prefers the {s['ppc']['preferred']} likelihood: {s['ppc'].get('reason', '')}")
+    for w in d["warnings"]:
+        click.echo(f"WARNING: {w}")
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+@click.command(name="fit")
+@click.argument("scores", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Fit directory to write: edges.parquet, posterior.nc, summary.json (replaced atomically).")
+@click.option("--inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
+              help="nuts: the reference posterior (MCMC over the model's global parameters); svi: a fast Gaussian "
+                   "approximation for large graphs; auto: NUTS up to 5,000 edges, SVI above.")
+@click.option("--chains", default=2, show_default=True, help="NUTS chains (r_hat needs 2 or more).")
+@click.option("--draws", default=1000, show_default=True, help="Posterior draws per chain (SVI: chains x draws samples).")
+@click.option("--warmup", type=int, default=None, help="NUTS warm-up iterations per chain. [default: --draws]")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same fit.")
+@click.option("--hdi-prob", default=0.9, show_default=True,
+              help="Probability of the reported highest-density intervals of each edge's effect.")
+@click.option("--inclusion", type=click.Choice(["slab", "threshold"]), default="slab", show_default=True,
+              help="slab: probability that the edge's mean effect comes from the slab (is in the circuit) rather than "
+                   "the spike at 0; threshold: probability that |mean effect| > --threshold.")
+@click.option("--threshold", default=None, metavar="D",
+              help="For --inclusion threshold: D in metric units (0.1) or a percentage of the mean total effect (5%).")
+@click.option("--likelihood", type=click.Choice(["gaussian", "student-t"]), default="gaussian", show_default=True,
+              help="Input-to-input variation of exact effects: gaussian (fast, sufficient statistics) or student-t "
+                   "(robust to outlying inputs; holds the exact scores in memory). summary.json's ppc says which fits.")
+@click.option("--spike-sd", default=0.0, show_default=True,
+              help="SD of the spike for edges outside the circuit (0: exactly zero mean effect).")
+@click.option("--top", default=15, show_default=True, help="Edges to list in the terminal summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, spike_sd,
+            top, quiet):
+    """Fit the hierarchical model to SCORES (a scores.parquet file or directory of parts).
+
+    Per input i the exact effect of edge e is theta = mu_e + tau_e * eps: mu_e is the
+    edge's mean effect (a spike at 0 or a slab: in the circuit or not), tau_e its
+    intrinsic input-to-input spread. Each approximate method m observes
+    alpha_m + beta_m * theta + delta_em + noise(sigma_m), learnt where exact scores
+    overlap. The per-input effects, mu, delta and tau are integrated out, so the cost
+    grows with edges, not inputs.
+
+    \b
+    Writes OUT/edges.parquet (one row per edge: inclusion_prob, effect_mean/sd/HDI,
+    intrinsic_sd, per-method error_bias/error_sd), OUT/posterior.nc (ArviZ) and
+    OUT/summary.json (diagnostics, variance decomposition, predictive check).
+
+    \b
+    Example:
+      bayescirc simulate --out sim.parquet
+      bayescirc fit sim.parquet --out sim-fit/
+      bayescirc fit sim.parquet --out sim-fit/ --inclusion threshold --threshold 5%
+    """
+    from ..fitting import FitWarning, fit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitWarning)
+        res = fit(scores, out=out, inference=inference, chains=chains, draws=draws, warmup=warmup, seed=seed,
+                  hdi_prob=hdi_prob, inclusion=inclusion, threshold=threshold, likelihood=likelihood,
+                  progress=not quiet, spike_sd=spike_sd)
+    shown = set(res.summary["diagnostics"]["warnings"])
+    for w in caught:
+        if not issubclass(w.category, FitWarning) or str(w.message) not in shown:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    _print_summary(res, top)
+    click.echo(f"\nwrote {out}/ (edges.parquet, posterior.nc, summary.json)")

@@ -1,0 +1,260 @@
+"""What a fit writes: the InferenceData, the edges table, the variance decomposition, diagnostics, PPC.
+
+Pure functions over numpy arrays of posterior draws (ArviZ is reached only
+through :mod:`bayescirc.posterior`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from . import schema
+from ._fit_engine import thin
+from .posterior import FitResult, make_idata, sampling_diagnostics
+
+__all__ = ["assemble", "decomposition", "gaussian_ppc", "edges_frame"]
+
+RHAT_MAX = 1.01
+ESS_MIN = 400
+SITE_DIMS = {"alpha": [schema.DIM_METHOD], "beta": [schema.DIM_METHOD], "sigma": [schema.DIM_METHOD],
+             "omega": [schema.DIM_METHOD], "type_z": ["edge_type"], "layer_z": ["layer"]}
+
+
+def _shares(intr: float, appr: float, agg: float) -> dict:
+    total = intr + appr + agg
+    if not total > 0:
+        return {"intrinsic": float("nan"), "approximation": float("nan"), "aggregation": float("nan")}
+    return {"intrinsic": intr / total, "approximation": appr / total, "aggregation": agg / total}
+
+
+def decomposition(method_names, has_exact, observed, intr, appr, agg, layer) -> dict:
+    """Shares of a single observed score's variance around the true mean effect, per method and per layer.
+
+    ``observed[m]`` (E,) marks the edges method ``m`` scored; ``intr[m]``,
+    ``appr[m]`` (E,) are per-edge intrinsic (beta^2 tau^2) and approximation
+    ((alpha + (beta-1) mu + delta)^2 + sigma^2) variances; ``agg`` (E,) the
+    posterior variance of mu; ``layer`` (E,) labels.
+    """
+    out = {"per_method": {}, "per_layer": {}}
+    layer = np.asarray(layer)
+    for m in method_names:
+        sel = observed[m]
+        if sel.any():
+            out["per_method"][m] = _shares(intr[m][sel].mean(), appr[m][sel].mean(), agg[sel].mean())
+    for lab in sorted(set(layer.tolist()), key=lambda s: (not str(s).isdigit(), int(s) if str(s).isdigit() else 0, str(s))):
+        block = {}
+        for m in method_names:
+            sel = observed[m] & (layer == lab)
+            if sel.any():
+                block[m] = _shares(intr[m][sel].mean(), appr[m][sel].mean(), agg[sel].mean())
+        out["per_layer"][str(lab)] = block
+    return out
+
+
+def gaussian_ppc(exact_values, exact_mask, tau_draws, min_inputs: int = 8, reps: int = 2000, seed: int = 0) -> dict:
+    """Posterior predictive check of Gaussian intrinsic variation on the exact scores.
+
+    Per edge with at least ``min_inputs`` exact scores: the sample excess
+    kurtosis (its Gaussian predictive does not depend on mu or tau) and the
+    sample variance (predictive ``tau^2 chi2_{n-1}/(n-1)`` over the posterior
+    draws of tau). Heavy tails show as far more than 5% of edges with an
+    upper-tail kurtosis p-value below 0.05.
+    """
+    counts = exact_mask.sum(1)
+    ok = counts >= min_inputs
+    if not ok.any():
+        return {"edges_checked": 0, "note": f"fewer than {min_inputs} exact inputs per edge: nothing to check"}
+    rng = np.random.default_rng(seed)
+    kurt_obs = np.full(len(counts), np.nan)
+    p_kurt = np.full(len(counts), np.nan)
+    p_var = np.full(len(counts), np.nan)
+    ref = {}
+    for e in np.flatnonzero(ok):
+        x = exact_values[e, exact_mask[e]]
+        n = len(x)
+        c = x - x.mean()
+        m2 = np.mean(c**2)
+        if m2 <= 0:
+            continue
+        kurt_obs[e] = np.mean(c**4) / m2**2 - 3
+        if n not in ref:
+            z = rng.normal(size=(reps, n))
+            zc = z - z.mean(1, keepdims=True)
+            ref[n] = np.sort(np.mean(zc**4, 1) / np.mean(zc**2, 1) ** 2 - 3)
+        p_kurt[e] = 1 - np.searchsorted(ref[n], kurt_obs[e]) / reps
+        s2 = np.var(x, ddof=1)
+        t2 = np.asarray(tau_draws[:, e], float) ** 2
+        p_var[e] = float(np.mean(sps.chi2.sf((n - 1) * s2 / np.maximum(t2, 1e-300), n - 1)))
+    checked = np.isfinite(p_kurt)
+    k = int(checked.sum())
+    if k == 0:
+        return {"edges_checked": 0, "note": "exact scores are constant: nothing to check"}
+    share = float(np.mean(p_kurt[checked] < 0.05))
+    crit = float(sps.binom.ppf(0.999, k, 0.05) / k)
+    return {
+        "edges_checked": k,
+        "mean_excess_kurtosis": float(np.nanmean(kurt_obs)),
+        "expected_excess_kurtosis": float(np.mean([np.mean(r) for r in ref.values()])),
+        "share_kurtosis_p_below_0.05": share,
+        "expected_share": 0.05,
+        "critical_share": crit,
+        "share_variance_outside_90": float(np.mean((p_var[checked] < 0.05) | (p_var[checked] > 0.95))),
+        "heavy_tailed": share > crit,
+    }
+
+
+def edges_frame(stats, table, approx, has_exact, per_edge, samples, hdi_prob, layers_label) -> pd.DataFrame:
+    """One row per edge: the contract columns, groups, and per-method errors and naive means."""
+    from .fitting import hdi
+
+    mu = per_edge["mu"].reshape(-1, per_edge["mu"].shape[-1])
+    low, high = hdi(mu, hdi_prob)
+    frame = pd.DataFrame({
+        "edge": stats.edges.astype(str),
+        "inclusion_prob": per_edge["inclusion"].reshape(mu.shape).mean(0).astype(float),
+        "effect_mean": mu.mean(0).astype(float),
+        "effect_sd": mu.std(0).astype(float),
+        "effect_hdi_low": low.astype(float),
+        "effect_hdi_high": high.astype(float),
+        "intrinsic_sd": per_edge["tau"].reshape(mu.shape).mean(0).astype(float),
+        "layer": layers_label,
+        "edge_type": table["edge_type"].astype(str).to_numpy(),
+        "n_inputs": stats.n.sum(1).astype(np.int64),
+    })
+    per = stats.per_method()
+    for j, m in enumerate(approx):
+        observed = _observed(stats, m)
+        frame[f"error_bias:{m}"] = np.where(observed, per_edge["err"][:, j], np.nan)
+        frame[f"error_sd:{m}"] = np.where(observed, per_edge["err_sd"][:, j], np.nan)
+    for m in ([schema.EXACT] if has_exact else []) + list(approx):
+        label = next(x for x in stats.methods if x == m or (m == schema.EXACT and schema.is_exact(x)))
+        rows = per[per.method == label].set_index("edge")["mean"]
+        frame[f"naive_mean:{m}"] = rows.reindex(frame["edge"]).to_numpy(float)
+    return frame
+
+
+def _observed(stats, method) -> np.ndarray:
+    k = stats.methods.index(method)
+    sel = np.asarray(stats.patterns, bool)[:, k]
+    return stats.n[:, sel].sum(1) > 0
+
+
+def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_prob, inclusion, threshold,
+             threshold_origin, likelihood, inference, notes, settings, exact_values, exact_mask, layers) -> FitResult:
+    edges = stats.edges.astype(str)
+    E = len(edges)
+    layer_label = np.array([layers[i] for i in problem.layer_idx], dtype=object)
+    types = sorted(table["edge_type"].unique())
+    posterior = {k: v for k, v in result.samples.items()}
+    dims = {k: d for k, d in SITE_DIMS.items() if k in posterior}
+    for k in ("mu", "tau", "inclusion"):
+        posterior[k] = per_edge[k]
+        dims[k] = [schema.DIM_EDGE]
+    if per_edge["delta"] is not None:
+        posterior["delta"] = per_edge["delta"]
+        dims["delta"] = [schema.DIM_EDGE, schema.DIM_METHOD]
+    if likelihood == "student-t":
+        posterior["df"] = per_edge["df"]
+    coords = {schema.DIM_EDGE: list(edges), "edge_type": types, "layer": list(layers)}
+    if approx:
+        coords[schema.DIM_METHOD] = list(approx)
+    idata = make_idata(posterior, coords=coords, dims=dims, sample_stats=result.sample_stats or None,
+                       attrs={"inference": inference, "likelihood": likelihood, "inclusion_rule": inclusion})
+    frame = edges_frame(stats, table, approx, has_exact, per_edge, result.samples, hdi_prob, layer_label)
+
+    # variance decomposition
+    mu = per_edge["mu"].reshape(-1, E)
+    agg = mu.var(0)
+    tau2 = (per_edge["tau"].reshape(-1, E).astype(float) ** 2).mean(0)
+    observed, intr, appr = {}, {}, {}
+    names = []
+    if has_exact:
+        names.append(schema.EXACT)
+        observed[schema.EXACT] = np.asarray(problem.data.n_x) > 0
+        intr[schema.EXACT] = tau2
+        appr[schema.EXACT] = np.zeros(E)
+    sig2 = (result.samples["sigma"].reshape(-1, len(approx)) ** 2).mean(0) if approx else []
+    for j, m in enumerate(approx):
+        names.append(m)
+        observed[m] = _observed(stats, m)
+        intr[m] = per_edge["intr"][:, j]
+        appr[m] = per_edge["err2"][:, j] + sig2[j]
+    decomp = decomposition(names, has_exact, observed, intr, appr, agg, layer_label)
+
+    # diagnostics
+    warn = list(notes)
+    diag = {"max_r_hat": None, "min_ess_bulk": None, "min_ess_tail": None, "divergences": None, "svi_loss": None,
+            "svi_final_loss": None}
+    sampled = [k for k in result.samples]
+    if inference == "nuts":
+        d = sampling_diagnostics(idata, sampled + ["mu"])
+        diag.update({k: d[k] for k in ("max_r_hat", "min_ess_bulk", "min_ess_tail")})
+        diag["divergences"] = int(np.sum(result.sample_stats["diverging"]))
+        if diag["max_r_hat"] is None:
+            warn.append("one chain: r_hat cannot be computed; run --chains 2 or more to check convergence.")
+        elif diag["max_r_hat"] > RHAT_MAX:
+            warn.append(f"max r_hat = {diag['max_r_hat']:.3f} > {RHAT_MAX} (worst: {d['worst'].get('r_hat')}): the chains "
+                        "disagree; run more --warmup/--draws before trusting the posterior.")
+        if diag["min_ess_bulk"] is not None and min(diag["min_ess_bulk"], diag["min_ess_tail"]) < ESS_MIN:
+            warn.append(f"min ESS bulk/tail = {diag['min_ess_bulk']:.0f}/{diag['min_ess_tail']:.0f} < {ESS_MIN}: "
+                        "intervals are imprecise; run more --draws or --chains.")
+        if diag["divergences"]:
+            warn.append(f"{diag['divergences']} divergent transitions: the posterior may be biased; "
+                        "rerun with a longer --warmup.")
+    else:
+        losses = result.svi_loss
+        diag["svi_loss"] = thin(losses)
+        tail = max(1, len(losses) // 20)
+        diag["svi_final_loss"] = float(np.mean(losses[-tail:]))
+        if len(losses) >= 40:
+            last, before = np.mean(losses[-len(losses) // 10:]), np.mean(losses[-2 * (len(losses) // 10):-(len(losses) // 10)])
+            if before - last > 1e-3 * max(1.0, abs(last)) + 2 * np.std(losses[-len(losses) // 10:]) / math.sqrt(len(losses) // 10):
+                warn.append("the SVI loss was still falling at the end: increase svi_steps or use --inference nuts.")
+    diag["warnings"] = warn
+
+    # posterior predictive check
+    ppc = {}
+    tau_draws = per_edge["tau"].reshape(-1, E)
+    g = gaussian_ppc(exact_values, exact_mask, tau_draws)
+    ppc["gaussian"] = g
+    if g.get("edges_checked", 0):
+        ppc["preferred"] = "student-t" if g["heavy_tailed"] else "gaussian"
+        ppc["reason"] = (f"{g['share_kurtosis_p_below_0.05']:.1%} of {g['edges_checked']} edges have more extreme exact-score "
+                         f"kurtosis than a Gaussian predicts 95% of the time (expected 5%, critical {g['critical_share']:.1%})")
+    else:
+        ppc["preferred"] = "gaussian"
+        ppc["reason"] = g.get("note", "")
+    if likelihood == "student-t":
+        values, counts = np.unique(per_edge["df"].reshape(-1), return_counts=True)
+        ppc["student-t"] = {"df_posterior": {str(v): float(c / counts.sum()) for v, c in zip(values, counts)}}
+    if ppc["preferred"] != likelihood:
+        warn.append(f"the posterior predictive check prefers likelihood={ppc['preferred']!r} ({ppc['reason']}); "
+                    f"refit with --likelihood {ppc['preferred']}.")
+
+    metadata = {"hdi_prob": hdi_prob, "inclusion_rule": inclusion, "threshold": threshold,
+                "threshold_origin": threshold_origin, "likelihood": likelihood, "inference": inference,
+                "scores_metadata": stats.metadata, "methods": list(approx), "exact_method": schema.EXACT if has_exact else None}
+    summary = {
+        "inference": inference, "likelihood": likelihood, "inclusion_rule": inclusion, "hdi_prob": hdi_prob,
+        "threshold": threshold, "threshold_origin": threshold_origin,
+        "n_edges": E, "n_inputs": int(len(stats.input_ids)), "methods": list(approx),
+        "exact_method": schema.EXACT if has_exact else None, "settings": settings, "metadata": stats.metadata,
+        "diagnostics": diag, "decomposition": decomp, "ppc": ppc,
+        "globals": _global_summary(result.samples, approx),
+    }
+    return FitResult(idata=idata, edges=frame, summary=summary, metadata=metadata)
+
+
+def _global_summary(samples: dict, approx) -> dict:
+    out = {}
+    for k, v in samples.items():
+        flat = v.reshape(-1, *v.shape[2:])
+        if k in ("alpha", "beta", "sigma", "omega"):
+            out[k] = {m: {"mean": float(flat[:, j].mean()), "sd": float(flat[:, j].std())} for j, m in enumerate(approx)}
+        elif flat.ndim == 1:
+            out[k] = {"mean": float(flat.mean()), "sd": float(flat.std())}
+    return out

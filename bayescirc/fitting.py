@@ -1,0 +1,321 @@
+"""``fit``: per-input scores -> posterior of the hierarchical model -> :class:`~bayescirc.posterior.FitResult`.
+
+The steps, each a small function below:
+
+1. per-edge sufficient statistics (streamed from the file; a DataFrame is
+   written to a temporary parquet file first), degenerate methods dropped;
+2. a MAP estimate of the globals on a wide ``log tau`` grid, then per-edge
+   grids refined around each edge's conditional posterior of ``log tau``;
+3. NUTS or SVI over the globals of :func:`bayescirc.model.collapsed_model`
+   (every per-edge quantity integrated out);
+4. per posterior draw, ``mu``, ``tau``, ``delta`` and the Rao-Blackwellised
+   inclusion probability drawn from their exact conditionals;
+5. the edges table, the variance decomposition, diagnostics and a posterior
+   predictive check of the intrinsic-variation likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from . import schema
+from .errors import BayescircError, FitError
+from .graph import edge_table
+from .posterior import FitResult, make_idata, sampling_diagnostics
+from .scores import SufficientStats, _part_files, sufficient_statistics, write_scores
+
+__all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "hdi", "parse_threshold"]
+
+INFERENCES = ("auto", "nuts", "svi")
+LIKELIHOODS = ("gaussian", "student-t")
+INCLUSION_RULES = ("slab", "threshold")
+NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
+GLOBAL_SITES = ("alpha", "beta", "sigma", "omega", "slab_sd", "pi", "tau_loc", "tau_spread", "type_sd", "type_z",
+                "layer_sd", "layer_z")
+
+
+class FitWarning(UserWarning):
+    """Something about the data or the fit that the user must know (also listed in summary.json)."""
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise FitError(f"{name}={value!r} is not one of {list(valid)}.")
+    return value
+
+
+def parse_threshold(value) -> tuple[float | None, float | None]:
+    """``0.2`` -> (0.2, None) in metric units; ``"5%"`` -> (None, 0.05) as a fraction of the mean total effect."""
+    if value is None:
+        return None, None
+    if isinstance(value, (int, float)):
+        number, percent = float(value), False
+    else:
+        text = str(value).strip()
+        match = re.fullmatch(r"([0-9.eE+-]+)\s*(%?)", text)
+        if match is None:
+            raise FitError(f"threshold {value!r} is not a number or a percentage such as '5%'.")
+        number, percent = float(match[1]), bool(match[2])
+    if not math.isfinite(number) or number <= 0:
+        raise FitError(f"threshold {value!r} must be a positive number (metric units) or percentage.")
+    return (None, number / 100) if percent else (number, None)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def _load(scores, workdir: Path) -> tuple[SufficientStats, Path]:
+    """Sufficient statistics of a scores path or DataFrame, and the path they came from."""
+    if isinstance(scores, pd.DataFrame):
+        path = workdir / "scores.parquet"
+        write_scores(scores, path)
+    elif isinstance(scores, (str, os.PathLike)):
+        path = Path(scores)
+    else:
+        raise FitError(f"scores must be a path to a scores.parquet file/directory or a DataFrame, got {type(scores).__name__}.")
+    return sufficient_statistics(path), path
+
+
+def _exact_matrix(path: Path, stats: SufficientStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact per-input scores as (edges x exact inputs) values and mask, and the input ids."""
+    exact = [m for m in stats.methods if schema.is_exact(m)]
+    E = len(stats.edges)
+    if not exact:
+        return np.zeros((E, 0)), np.zeros((E, 0), bool), np.zeros(0, np.int64)
+    frames = []
+    for part in _part_files(path):
+        table = pq.read_table(part, columns=list(schema.REQUIRED_COLUMNS), filters=[(schema.METHOD, "==", exact[0])])
+        frames.append(table.to_pandas())
+    frame = pd.concat(frames, ignore_index=True)
+    ids = np.unique(frame[schema.INPUT_ID].to_numpy())
+    e_index = pd.Index(stats.edges.astype(str))
+    rows = e_index.get_indexer(frame[schema.EDGE].astype(str))
+    cols = np.searchsorted(ids, frame[schema.INPUT_ID].to_numpy())
+    values = np.zeros((E, len(ids)))
+    mask = np.zeros((E, len(ids)), bool)
+    values[rows, cols] = frame[schema.SCORE].to_numpy(float)
+    mask[rows, cols] = True
+    return values, mask, ids
+
+
+def _total_effect(path: Path) -> float | None:
+    """Mean over inputs of corrupted minus clean metric, when the scores file carries them."""
+    names = pq.ParquetFile(_part_files(path)[0]).schema_arrow.names
+    if schema.CLEAN_METRIC not in names or schema.CORRUPTED_METRIC not in names:
+        return None
+    frames = [pq.read_table(p, columns=[schema.INPUT_ID, schema.CLEAN_METRIC, schema.CORRUPTED_METRIC]).to_pandas()
+              for p in _part_files(path)]
+    frame = pd.concat(frames).drop_duplicates(schema.INPUT_ID)
+    return float((frame[schema.CORRUPTED_METRIC] - frame[schema.CLEAN_METRIC]).mean())
+
+
+def _drop_methods(stats: SufficientStats, drop: list[int]) -> SufficientStats:
+    keep = [k for k in range(len(stats.methods)) if k not in drop]
+    return replace(stats, methods=tuple(stats.methods[k] for k in keep), patterns=stats.patterns[:, keep],
+                   sums=stats.sums[:, :, keep], cross=stats.cross[:, :, keep][:, :, :, keep])
+
+
+def _degenerate_methods(stats: SufficientStats) -> tuple[SufficientStats, list[str]]:
+    """Drop methods whose scores are all zero (they carry no information); say so."""
+    notes = []
+    per = stats.per_method()
+    drop = []
+    for k, m in enumerate(stats.methods):
+        rows = per[per.method == m]
+        if len(rows) and float(rows["sum_sq"].sum()) == 0.0:
+            drop.append(k)
+            notes.append(f"method {m!r} scored every edge and input as exactly 0; it carries no information and was "
+                         "left out of the fit (check how it was collected).")
+    if drop and len(drop) == len(stats.methods):
+        raise FitError("every score in the file is exactly 0: there is nothing to fit. Check the collection "
+                       "(the clean and corrupted prompts may be identical).")
+    return (_drop_methods(stats, drop) if drop else stats), notes
+
+
+def _scale(stats: SufficientStats) -> float:
+    """Typical size of the scores (metric units): RMS of the most reliable method's scores."""
+    per = stats.per_method()
+    order = sorted(stats.methods, key=lambda m: not schema.is_exact(m))
+    for m in order:
+        rows = per[per.method == m]
+        ms = float(rows["sum_sq"].sum() / max(1, rows["n"].sum()))
+        if ms > 0:
+            return math.sqrt(ms)
+    raise FitError("every score in the file is exactly 0: there is nothing to fit.")
+
+
+def _groups(edges: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[str], list[str]]:
+    table, _ = edge_table([str(e) for e in edges])
+    layers = pd.concat([table["source_layer"], table["receiver_layer"]]).dropna()
+    n_layers = int(layers.max()) + 1 if len(layers) else 0
+    table, _ = edge_table([str(e) for e in edges], n_layers=n_layers)
+    types = sorted(table["edge_type"].unique())
+    type_idx = table["edge_type"].map({t: i for i, t in enumerate(types)}).to_numpy()
+    layer_labels = table["receiver_layer"].astype("string").fillna("other")
+    levels = sorted(layer_labels.unique(), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    layer_idx = layer_labels.map({s: i for i, s in enumerate(levels)}).to_numpy()
+    return table, type_idx.astype(np.int32), layer_idx.astype(np.int32), types, levels
+
+
+# --- numerics ------------------------------------------------------------------------------------------
+
+
+def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """Highest-density interval of each column of ``draws`` (n_draws, k): the narrowest window with ``prob`` mass."""
+    x = np.sort(np.asarray(draws), axis=0)
+    n = x.shape[0]
+    width = max(1, min(n - 1, int(math.floor(prob * n))))
+    spans = x[width:] - x[: n - width]
+    start = np.argmin(spans, axis=0)
+    cols = np.arange(x.shape[1])
+    return x[start, cols], x[start + width, cols]
+
+
+# --- the fit ---------------------------------------------------------------------------------------------
+
+
+def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: int = 1000, warmup: int | None = None,
+        seed: int = 0, hdi_prob: float = 0.9, inclusion: str = "slab", threshold=None, likelihood: str = "gaussian",
+        progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None,
+        prior_scale: float | None = None) -> FitResult:
+    """Fit the hierarchical model to per-input edge scores.
+
+    Parameters
+    ----------
+    scores : str, Path or DataFrame
+        A schema-v1 scores file or directory of parts, or the table itself.
+    out : str or Path, optional
+        Fit directory to write (``edges.parquet``, ``posterior.nc``, ``summary.json``), atomically.
+    inference : {"auto", "nuts", "svi"}, default "auto"
+        NUTS (the reference posterior) up to 5,000 edges, SVI (a multivariate-normal
+        guide over the globals) above.
+    chains, draws, warmup : int, default 2, 1000, draws
+        NUTS settings; SVI draws ``chains * draws`` samples from its guide, stored as one chain.
+    seed : int, default 0
+    hdi_prob : float, default 0.9
+        Probability of the reported highest-density intervals.
+    inclusion : {"slab", "threshold"}, default "slab"
+        ``slab``: posterior probability that the edge's mean is in the slab.
+        ``threshold``: posterior probability that ``|mu| > threshold``.
+    threshold : float or str, optional
+        For ``inclusion="threshold"``: metric units (``0.1``) or a fraction of the
+        mean total effect (``"5%"``).
+    likelihood : {"gaussian", "student-t"}, default "gaussian"
+        Intrinsic input variation; ``student-t`` is robust to outlying inputs
+        (needs the exact per-input scores in memory: edges x exact inputs).
+    progress : bool, default True
+    spike_sd : float, default 0
+        SD of the spike (0: edges outside the circuit have exactly zero mean).
+    svi_steps : int, optional
+        SVI optimisation steps [default 3000].
+    prior_scale : float, optional
+        Typical score size the priors are relative to [default: RMS of the exact
+        (else first approximate) scores]; fixed for simulation-based calibration.
+
+    Returns
+    -------
+    FitResult
+    """
+    _choice("inference", inference, INFERENCES)
+    _choice("likelihood", likelihood, LIKELIHOODS)
+    _choice("inclusion", inclusion, INCLUSION_RULES)
+    if not 0 < hdi_prob < 1:
+        raise FitError(f"hdi_prob={hdi_prob} must lie strictly between 0 and 1 (e.g. 0.9).")
+    if chains < 1 or draws < 1 or (warmup is not None and warmup < 0):
+        raise FitError(f"chains ({chains}) and draws ({draws}) must be >= 1 and warmup ({warmup}) >= 0.")
+    thr_abs, thr_frac = parse_threshold(threshold)
+    if inclusion == "threshold" and thr_abs is None and thr_frac is None:
+        raise FitError("inclusion='threshold' needs a threshold: metric units (0.1) or a percentage of the mean total "
+                       "effect ('5%').")
+    if inclusion == "slab" and threshold is not None:
+        raise FitError("a threshold is only used with inclusion='threshold'.")
+    if spike_sd < 0:
+        raise FitError(f"spike_sd={spike_sd} must be >= 0.")
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from . import _fit_engine as engine
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bayescirc-fit-") as tmp:
+        stats, path = _load(scores, Path(tmp))
+        notes: list[str] = []
+        stats, dropped = _degenerate_methods(stats)
+        notes += dropped
+        exact_values, exact_mask, _ = _exact_matrix(path, stats)
+        total_effect = _total_effect(path) if thr_frac is not None else None
+    E = len(stats.edges)
+    has_exact = any(schema.is_exact(m) for m in stats.methods)
+    approx = [m for m in stats.methods if not schema.is_exact(m)]
+    if not has_exact:
+        notes.append("NO EXACT SCORES: the approximation error (bias alpha, scale beta, per-edge error omega) cannot be "
+                     "learnt from the data and rests on the priors (alpha ~ 0, beta ~ 1 within 10%). Effects, intervals "
+                     "and inclusion probabilities are only as good as that assumption; score a subset of inputs "
+                     "exactly (collect --exact-inputs) to calibrate the approximations.")
+    if likelihood == "student-t" and not has_exact:
+        raise FitError("likelihood='student-t' models outlying exact scores and needs exact scores; this file has none.")
+    if inference == "auto":
+        inference = "nuts" if E <= NUTS_MAX_EDGES else "svi"
+    n_inputs = len(stats.input_ids)
+    if n_inputs < 2:
+        notes.append(f"only {n_inputs} input: the input-to-input spread tau rests on its hierarchical prior.")
+    for note in notes:
+        warnings.warn(note, FitWarning, stacklevel=2)
+
+    table, type_idx, layer_idx, types, layers = _groups(stats.edges)
+    scale = float(prior_scale) if prior_scale else _scale(stats)
+    problem = engine.Problem.build(stats, type_idx, layer_idx, len(types), len(layers), scale, spike_sd,
+                                   likelihood, exact_values, exact_mask, progress=progress)
+    result = engine.run(problem, inference=inference, chains=chains, draws=draws,
+                        warmup=draws if warmup is None else warmup, seed=seed, progress=progress,
+                        svi_steps=svi_steps or 3000)
+    thr_value, thr_origin = None, None
+    if inclusion == "threshold":
+        thr_value, thr_origin = _threshold_value(thr_abs, thr_frac, total_effect, problem, result)
+    per_edge = engine.edge_draws(problem, result, seed=seed, threshold=thr_value, progress=progress)
+    fit_seconds = time.perf_counter() - started
+
+    from .fit_outputs import assemble
+
+    res = assemble(stats=stats, table=table, approx=approx, has_exact=has_exact, problem=problem, result=result,
+                   per_edge=per_edge, hdi_prob=hdi_prob, inclusion=inclusion, threshold=thr_value,
+                   threshold_origin=thr_origin, likelihood=likelihood, inference=inference, notes=notes,
+                   settings=dict(chains=chains, draws=draws, warmup=draws if warmup is None else warmup, seed=seed,
+                                 spike_sd=spike_sd, svi_steps=svi_steps or 3000, threshold=threshold,
+                                 scale=scale, fit_seconds=round(fit_seconds, 3)),
+                   exact_values=exact_values, exact_mask=exact_mask, layers=layers)
+    for w in res.summary["diagnostics"]["warnings"]:
+        warnings.warn(w, FitWarning, stacklevel=2)
+    if out is not None:
+        try:
+            res.save(out)
+        except OSError as exc:
+            raise BayescircError(f"{out}: cannot write the fit directory ({exc}).") from None
+    return res
+
+
+def _threshold_value(thr_abs, thr_frac, total_effect, problem, result) -> tuple[float, str]:
+    if thr_abs is not None:
+        return thr_abs, "metric units"
+    if total_effect is not None and total_effect != 0:
+        return abs(total_effect) * thr_frac, f"{thr_frac:.4g} x |mean total effect| = |{total_effect:.4g}| (corrupted - clean metric)"
+    approx_total = float(abs(problem.naive_effect.sum()))
+    if approx_total == 0:
+        raise FitError("cannot express the threshold as a fraction: the mean total effect is 0. Give it in metric units.")
+    return approx_total * thr_frac, (f"{thr_frac:.4g} x |sum of the edges' mean effects| = {approx_total:.4g} "
+                                     "(the scores file has no clean/corrupted metric columns)")

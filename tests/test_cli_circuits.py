@@ -1,0 +1,92 @@
+"""`bayescirc circuits`, `stability` and `evaluate` from the command line."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from fitfixtures import A, B, C, fake_patching, four_draw_fit
+
+from bayescirc.cli import cli
+from bayescirc.export import read_circuit_json
+from bayescirc.scores import write_scores
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", ["circuits", "stability", "evaluate"])
+def test_help_teaches_the_options(name):
+    result = run(name, "--help")
+    assert result.exit_code == 0 and "Example:" in result.output and "[default" in result.output
+
+
+def test_circuits_writes_summary_tables_and_eap_ig_json(tmp_path):
+    four_draw_fit().save(tmp_path / "fit")
+    result = run("circuits", tmp_path / "fit", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "median-probability circuit: 1 edges" in result.output
+    summary = json.loads((tmp_path / "c" / "circuits.json").read_text())
+    assert summary["median_circuit"] == [C] and summary["credible_superset"] == sorted([A, B, C])
+    assert summary["expected_jaccard"] == pytest.approx(7 / 18)
+    edges = pd.read_parquet(tmp_path / "c" / "edges.parquet").set_index("edge")
+    assert edges["frequency"].to_dict() == {A: 0.5, B: 0.5, C: 0.75}
+    assert len(pd.read_parquet(tmp_path / "c" / "samples.parquet")) == 7
+    exported = read_circuit_json(tmp_path / "c" / "median_circuit.json").set_index("edge")
+    assert set(exported.index[exported.in_graph]) == {C}
+    assert exported.loc[A, "score"] == 0.5
+    superset = read_circuit_json(tmp_path / "c" / "credible_superset.json")
+    assert set(superset.loc[superset.in_graph, "edge"]) == {A, B, C}
+    assert json.loads((tmp_path / "c" / "credible_core.json").read_text())["cfg"]["d_model"] == 0
+
+
+def test_circuits_reads_d_model_from_the_fitted_models_config(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"n_embd": 64, "n_layer": 1}))
+    fit = four_draw_fit()
+    fit.metadata["model"] = str(model)
+    fit.save(tmp_path / "fit")
+    assert run("circuits", tmp_path / "fit", "--out", tmp_path / "c").exit_code == 0
+    assert json.loads((tmp_path / "c" / "median_circuit.json").read_text())["cfg"]["d_model"] == 64
+
+
+def test_circuits_bad_rule_is_one_line_exit_2(tmp_path):
+    four_draw_fit().save(tmp_path / "fit")
+    result = CliRunner().invoke(cli, ["circuits", str(tmp_path / "fit"), "--rule", "top5"])
+    assert result.exit_code == 2 and "topk:K" in result.output
+    missing = CliRunner().invoke(cli, ["circuits", str(tmp_path / "nofit")])
+    assert missing.exit_code == 2 and "not a fit directory" in missing.output
+
+
+def test_stability_prints_the_table_and_writes_files(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"input_id": i, "edge": e, "method": m, "score": float(mu + rng.normal(0, 0.3))}
+            for i in range(20) for e, mu in zip((A, B, C), (1.0, 0.9, 0.5)) for m in ("exact", "eap")]
+    write_scores(pd.DataFrame(rows), tmp_path / "s.parquet")
+    result = run("stability", tmp_path / "s.parquet", "-B", "20", "--k", "1", "--k", "2", "--threshold", "0.7",
+                 "--methods", "exact,eap", "--out", tmp_path / "st")
+    assert result.exit_code == 0, result.output
+    assert "conventional" in result.output and "top-k k=2" in result.output and "|mean|>0.7" in result.output
+    table = pd.read_parquet(tmp_path / "st" / "bootstrap.parquet")
+    assert set(table.method) == {"exact", "eap"} and len(table) == 6
+    assert json.loads((tmp_path / "st" / "stability.json").read_text())["settings"]["bootstrap"] == 20
+
+
+def test_evaluate_reports_faithfulness(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
+    four_draw_fit().save(tmp_path / "fit")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"clean": "a b", "corrupted": "c d", "answer": " x", "distractor": " y"}) + "\n"
+                            for _ in range(12)))
+    result = run("evaluate", tmp_path / "fit", "--model", "m", "--task", task, "--n-circuits", "50",
+                 "--held-out", "2", "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert calls[0]["inputs"] == [10, 11]
+    assert "median-probability circuit (1 edges): 0.500" in result.output
+    saved = json.loads((tmp_path / "ev" / "faithfulness.json").read_text())
+    assert saved["posterior"]["n_circuits"] == 50 and 0.5 <= saved["posterior"]["mean"] <= 1.0

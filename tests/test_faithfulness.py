@@ -1,0 +1,82 @@
+"""Faithfulness arithmetic on hand-computed arrays, and evaluate() end to end with a stand-in patcher."""
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from fitfixtures import fake_patching, four_draw_fit
+
+from bayescirc.errors import BayescircError
+from bayescirc.faithfulness import circuit_faithfulness, evaluate, held_out_inputs, interval
+
+
+def test_ratio_of_means_by_hand():
+    values = np.array([[2.0, 4.0], [0.0, 1.0]])
+    clean, corrupted = np.array([4.0, 6.0]), np.array([0.0, 2.0])
+    # means: circuit 0 -> 3, circuit 1 -> 0.5; clean 5, corrupted 1: (3-1)/4, (0.5-1)/4
+    assert circuit_faithfulness(values, clean, corrupted).tolist() == [0.5, -0.125]
+
+
+def test_mean_of_per_input_ratios_by_hand():
+    values = np.array([[2.0, 4.0]])
+    clean, corrupted = np.array([4.0, 6.0]), np.array([0.0, 2.0])
+    # input 0: 2/4, input 1: 2/4
+    assert circuit_faithfulness(values, clean, corrupted, per_input=True).tolist() == [0.5]
+    assert circuit_faithfulness(np.array([[4.0, 2.0]]), clean, corrupted, per_input=True).tolist() == [0.5]
+    assert circuit_faithfulness(np.array([[3.0, 2.0]]), np.array([4.0, 2.5]), np.array([0.0, 2.0]), per_input=True) == [
+        pytest.approx((3 / 4 + 0 / 0.5) / 2)]
+
+
+def test_full_circuit_is_one_and_empty_is_zero():
+    clean, corrupted = np.array([3.0, 1.0, 2.0]), np.array([0.5, -1.0, 0.0])
+    assert circuit_faithfulness(np.stack([clean, corrupted]), clean, corrupted).tolist() == [1.0, 0.0]
+
+
+def test_undefined_faithfulness_is_a_user_error():
+    with pytest.raises(BayescircError, match="no effect"):
+        circuit_faithfulness(np.ones((1, 2)), np.ones(2), np.ones(2))
+    with pytest.raises(BayescircError, match="input 1"):
+        circuit_faithfulness(np.ones((1, 2)), np.array([2.0, 1.0]), np.array([0.0, 1.0]), per_input=True)
+
+
+def test_interval_is_central():
+    assert interval(np.arange(101), 0.9) == pytest.approx((5.0, 95.0))
+
+
+def test_held_out_rows():
+    assert held_out_inputs(None, 10, 7) == [7, 8, 9]
+    assert held_out_inputs(2, 10, 7) == [7, 8]
+    assert held_out_inputs("0:3", 10, 7) == [0, 1, 2]
+    assert held_out_inputs([1, 4], 10, 7) == [1, 4]
+    with pytest.raises(BayescircError, match="no room"):
+        held_out_inputs(5, 10, 7)
+    with pytest.raises(BayescircError, match="within"):
+        held_out_inputs("8:12", 10, 7)
+
+
+@pytest.fixture
+def task():
+    return pd.DataFrame({"clean": ["a b"] * 14, "corrupted": ["c d"] * 14, "answer": [" x"] * 14,
+                         "distractor": [" y"] * 14})
+
+
+def test_evaluate_batches_distinct_circuits_and_reports_the_posterior(monkeypatch, task):
+    calls = []
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
+    # four-draw fit: circuits {A,B,C}, {A,B}, {C}, {C} (see fitfixtures); the fit saw 10 inputs
+    result = evaluate(four_draw_fit(), "model", task, n_circuits=None, held_out=None, progress=False)
+    assert calls[0]["inputs"] == [10, 11, 12, 13]
+    assert len(calls[0]["circuits"]) == 3 + 1  # three distinct circuits + the median one, each run once
+    # faithfulness = circuit's contribution / 4: {A,B,C} 1, {A,B} 0.5, {C} 0.5
+    assert result.circuits.faithfulness.tolist() == [1.0, 0.5, 0.5, 0.5]
+    assert result.median_circuit == {"size": 1, "faithfulness": 0.5}
+    s = result.summary()["posterior"]
+    assert s["mean"] == 0.625 and s["median"] == 0.5
+    assert "median-probability circuit (1 edges): 0.500" in result.to_text()
+
+
+def test_evaluate_without_patching_says_what_is_missing(monkeypatch, task):
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", None)
+    with pytest.raises(BayescircError, match="bayescirc.patching"):
+        evaluate(four_draw_fit(), "model", task, progress=False)

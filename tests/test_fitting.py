@@ -1,0 +1,321 @@
+"""fit(): the posterior recovers simulated truth, handles every data layout, writes the output contract."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from scipy.stats import rankdata
+
+from bayescirc import schema
+from bayescirc.cli import cli
+from bayescirc.errors import BayescircError, FitError, ScoresError
+from bayescirc.fitting import FitWarning, fit, hdi, parse_threshold
+from bayescirc.posterior import load_fit
+from bayescirc.simulation import MethodError, simulate, write_simulation
+
+FAST = dict(inference="svi", chains=1, draws=200, svi_steps=400, progress=False)
+
+
+def auc(score, label):
+    r = rankdata(score)
+    n1 = label.sum()
+    n0 = len(label) - n1
+    return (r[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def fit_warnings(scores, **kw):
+    """Fit, returning the result and the FitWarning messages it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitWarning)
+        res = fit(scores, **kw)
+    return res, [str(w.message) for w in caught if issubclass(w.category, FitWarning)]
+
+
+def quiet_fit(scores, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        return fit(scores, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return simulate(n_layers=1, n_heads=2, n_inputs=60, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_fit(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "fit"
+    return quiet_fit(tiny.scores, out=out, **FAST), out
+
+
+# --- small pure pieces -------------------------------------------------------------------------
+
+
+def test_hdi_of_a_normal_sample_is_its_central_interval(rng):
+    x = rng.normal(size=(20000, 2)) * [1.0, 3.0]
+    low, high = hdi(x, 0.9)
+    np.testing.assert_allclose(low, [-1.645, -4.935], rtol=0.05)
+    np.testing.assert_allclose(high, [1.645, 4.935], rtol=0.05)
+
+
+def test_hdi_of_a_skewed_sample_is_narrower_than_its_central_interval(rng):
+    x = rng.exponential(size=(20000, 1))
+    low, high = hdi(x, 0.9)
+    assert low[0] < 0.01 and high[0] - low[0] < np.quantile(x, 0.95) - np.quantile(x, 0.05)
+
+
+@pytest.mark.parametrize("value,expected", [(0.2, (0.2, None)), ("0.2", (0.2, None)), ("5%", (None, 0.05)),
+                                            (None, (None, None))])
+def test_threshold_is_metric_units_or_a_percentage(value, expected):
+    assert parse_threshold(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "0%"])
+def test_a_bad_threshold_is_refused(value):
+    with pytest.raises(FitError):
+        parse_threshold(value)
+
+
+# --- output contract ------------------------------------------------------------------------------
+
+
+def test_edges_table_has_the_contract_columns(tiny_fit, tiny):
+    res, out = tiny_fit
+    cols = set(res.edges.columns)
+    assert set(schema.EDGE_TABLE_COLUMNS) <= cols
+    for m in ("eap", "eap-ig-inputs"):
+        assert {f"error_bias:{m}", f"error_sd:{m}", f"naive_mean:{m}"} <= cols
+    assert {"layer", "edge_type", "n_inputs", "naive_mean:exact"} <= cols
+    assert sorted(res.edges["edge"]) == sorted(tiny.truth["edge"])
+    assert res.edges[list(schema.EDGE_TABLE_COLUMNS[1:])].notna().all().all()
+    assert (res.edges["effect_hdi_low"] <= res.edges["effect_hdi_high"]).all()
+    assert res.edges["inclusion_prob"].between(0, 1).all()
+    assert (res.edges["n_inputs"] == 60).all()
+    meta = json.loads(pq.read_schema(out / schema.FIT_EDGES_FILE).metadata[schema.METADATA_KEY])
+    assert meta["hdi_prob"] == 0.9 and meta["inclusion_rule"] == "slab"
+
+
+def test_posterior_loads_with_arviz_and_has_the_contract_variables(tiny_fit):
+    import arviz as az
+
+    _, out = tiny_fit
+    idata = az.from_netcdf(str(out / schema.FIT_POSTERIOR_FILE))
+    post = idata.posterior
+    for var in ("mu", "inclusion", "tau"):
+        assert post[var].dims == ("chain", "draw", "edge")
+    for var in ("alpha", "beta", "sigma", "omega"):
+        assert post[var].dims == ("chain", "draw", "method")
+    assert list(post["method"].values) == ["eap", "eap-ig-inputs"]
+    assert post["delta"].dims == ("chain", "draw", "edge", "method")
+    loaded = load_fit(out)
+    np.testing.assert_allclose(loaded.draws("mu").mean(0), loaded.edges["effect_mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_summary_json_has_the_documented_keys(tiny_fit):
+    _, out = tiny_fit
+    s = json.loads((out / schema.FIT_SUMMARY_FILE).read_text())
+    assert {"inference", "likelihood", "inclusion_rule", "hdi_prob", "n_edges", "n_inputs", "methods", "exact_method",
+            "settings", "metadata", "diagnostics", "decomposition", "ppc"} <= set(s)
+    assert s["inference"] == "svi" and s["exact_method"] == "exact" and s["n_inputs"] == 60
+    d = s["diagnostics"]
+    assert {"max_r_hat", "min_ess_bulk", "min_ess_tail", "divergences", "svi_loss", "svi_final_loss", "warnings"} <= set(d)
+    assert len(d["svi_loss"]) <= 200 and np.isfinite(d["svi_final_loss"])
+    for shares in [*s["decomposition"]["per_method"].values(),
+                   *(v for layer in s["decomposition"]["per_layer"].values() for v in layer.values())]:
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert s["decomposition"]["per_method"]["exact"]["approximation"] == 0.0
+    assert s["ppc"]["preferred"] in ("gaussian", "student-t")
+
+
+# --- the data layouts fit must handle ---------------------------------------------------------------
+
+
+def test_exact_scores_only(tiny):
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=40, n_exact=40, methods={}, seed=4)
+    res = quiet_fit(sim.scores, **FAST)
+    assert res.summary["methods"] == [] and res.summary["exact_method"] == "exact"
+    assert res.edges["effect_mean"].notna().all()
+    assert "alpha" not in res.idata.posterior
+    # with exact scores on all inputs the mean effect is close to the exact sample mean
+    np.testing.assert_allclose(res.edges["effect_mean"], res.edges["naive_mean:exact"], atol=0.35)
+
+
+def test_approximate_scores_only_warns_loudly_that_errors_rest_on_priors():
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=40, n_exact=0, seed=5)
+    res, messages = fit_warnings(sim.scores, **FAST)
+    assert any(m.startswith("NO EXACT SCORES") for m in messages)
+    assert res.summary["exact_method"] is None
+    assert any("NO EXACT SCORES" in w for w in res.summary["diagnostics"]["warnings"])
+    assert res.edges["effect_mean"].notna().all() and "naive_mean:exact" not in res.edges
+
+
+@pytest.mark.slow
+def test_several_methods_and_edges_scored_by_only_some_methods():
+    methods = {"eap": MethodError(scale=0.8, noise_sd=0.2), "ig": MethodError(scale=0.95, noise_sd=0.1),
+               "cc": MethodError(bias=0.1, noise_sd=0.3)}
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=40, n_exact=10, methods=methods, seed=6)
+    edges = sorted(sim.truth["edge"])
+    scores = sim.scores
+    drop = (scores["method"] == "cc") & scores["edge"].isin(edges[:5])
+    scores = scores[~drop].reset_index(drop=True)
+    scores["method"] = scores["method"].cat.remove_unused_categories()
+    res = quiet_fit(scores, **FAST)
+    assert res.summary["methods"] == ["cc", "eap", "ig"]
+    rows = res.edges.set_index("edge")
+    assert rows.loc[edges[:5], "error_bias:cc"].isna().all()
+    assert rows.loc[edges[5:], "error_bias:cc"].notna().all()
+    assert rows["effect_mean"].notna().all()
+
+
+def test_a_method_with_all_zero_scores_is_dropped_with_a_message(tiny):
+    scores = tiny.scores.copy()
+    scores.loc[scores["method"] == "eap", "score"] = 0.0
+    res, messages = fit_warnings(scores, **FAST)
+    assert any("'eap' scored every edge and input as exactly 0" in m for m in messages)
+    assert res.summary["methods"] == ["eap-ig-inputs"]
+
+
+def test_one_input_fits_with_a_warning():
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=1, n_exact=1, seed=7)
+    res, messages = fit_warnings(sim.scores, **FAST)
+    assert any("only 1 input" in m for m in messages)
+    assert np.isfinite(res.edges[list(schema.EDGE_TABLE_COLUMNS[1:])].to_numpy()).all()
+
+
+def test_threshold_inclusion_is_a_probability_of_exceeding_the_threshold(tiny):
+    res = quiet_fit(tiny.scores, inclusion="threshold", threshold=0.3, **FAST)
+    mu = res.draws("mu")
+    freq = (np.abs(mu) > 0.3).mean(0)
+    np.testing.assert_allclose(res.edges["inclusion_prob"], freq, atol=0.12)
+    assert res.summary["inclusion_rule"] == "threshold" and res.summary["threshold"] == 0.3
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+def test_all_zero_scores_are_refused(tiny):
+    scores = tiny.scores.copy()
+    scores["score"] = 0.0
+    with pytest.raises(FitError, match="exactly 0"):
+        fit(scores, **FAST)
+
+
+def test_a_file_without_the_score_column_is_refused(tmp_path, tiny):
+    tiny.scores.rename(columns={"score": "value"}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ScoresError, match="missing column 'score'"):
+        fit(tmp_path / "bad.parquet", **FAST)
+
+
+@pytest.mark.parametrize("kw,match", [({"inference": "mcmc"}, "inference"), ({"likelihood": "cauchy"}, "likelihood"),
+                                      ({"hdi_prob": 1.5}, "hdi_prob"), ({"inclusion": "threshold"}, "needs a threshold"),
+                                      ({"chains": 0}, "chains")])
+def test_bad_options_are_refused_before_any_work(tiny, kw, match):
+    with pytest.raises(FitError, match=match):
+        fit(tiny.scores, **{**FAST, **kw})
+
+
+def test_student_t_needs_exact_scores():
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=20, n_exact=0, seed=5)
+    with pytest.raises(FitError, match="needs exact scores"):
+        quiet_fit(sim.scores, likelihood="student-t", **FAST)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_fit_end_to_end(tmp_path):
+    write_simulation(tmp_path / "sim.parquet", n_layers=1, n_heads=2, n_inputs=40, seed=8)
+    result = CliRunner().invoke(cli, ["fit", str(tmp_path / "sim.parquet"), "--out", str(tmp_path / "fit"),
+                                      "--inference", "svi", "--chains", "1", "--draws", "100", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Top" in result.output and "intrinsic" in result.output and "approximation" in result.output
+    assert (tmp_path / "fit" / schema.FIT_EDGES_FILE).exists()
+    assert load_fit(tmp_path / "fit").summary["n_edges"] == 13
+
+
+def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):
+    pd.DataFrame({"input_id": [0], "edge": ["m0->logits"], "method": ["exact"]}).to_parquet(tmp_path / "bad.parquet")
+    result = CliRunner().invoke(cli, ["fit", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "fit")])
+    assert result.exit_code == 2
+    assert "missing column 'score'" in result.output
+    assert not (tmp_path / "fit").exists()
+
+
+def test_cli_fit_help_teaches_the_options():
+    result = CliRunner().invoke(cli, ["fit", "--help"])
+    assert result.exit_code == 0
+    for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "intrinsic", "Example"):
+        assert word in result.output
+
+
+# --- recovery of simulated truth (NUTS; slow) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def truth_fit():
+    sim = simulate(n_layers=2, n_heads=4, n_inputs=200, seed=1)
+    res = quiet_fit(sim.scores, inference="nuts", chains=2, draws=400, progress=False)
+    return sim, res, res.edges.merge(sim.truth, on="edge", suffixes=("", "_true"))
+
+
+@pytest.mark.slow
+def test_inclusion_ranks_planted_edges_at_least_as_well_as_any_naive_ranking(truth_fit):
+    sim, res, e = truth_fit
+    y = e["in_circuit"].to_numpy()
+    naive = max(auc(e[f"naive_mean:{m}"].abs().to_numpy(), y) for m in sim.config.methods)
+    assert auc(e["inclusion_prob"].to_numpy(), y) >= naive
+
+
+@pytest.mark.slow
+def test_confident_edges_are_truly_in_the_circuit_and_decoys_are_not(truth_fit):
+    _, _, e = truth_fit
+    confident = e[e["inclusion_prob"] >= 0.9]
+    assert len(confident) >= 3 and confident["in_circuit"].mean() >= 0.9
+    assert e.loc[e["is_decoy"], "inclusion_prob"].max() < 0.2
+
+
+@pytest.mark.slow
+def test_hdis_cover_the_true_effects(truth_fit):
+    _, _, e = truth_fit
+    covered = (e["effect_hdi_low"] <= e["effect"] + 1e-9) & (e["effect"] - 1e-9 <= e["effect_hdi_high"])
+    # edges in the circuit have a continuous posterior: nominal 90%; spike edges (mass at exactly 0) over-cover
+    assert 0.7 <= covered[e["in_circuit"]].mean() <= 1.0
+    assert 0.85 <= covered.mean() <= 1.0
+
+
+@pytest.mark.slow
+def test_variance_components_are_recovered_within_20_percent(truth_fit):
+    sim, res, e = truth_fit
+    ratio = e["intrinsic_sd"] / e["intrinsic_sd_true"]
+    assert np.median(np.abs(ratio - 1)) < 0.2
+    g = res.summary["globals"]
+    for m, err in sim.config.methods.items():
+        assert g["beta"][m]["mean"] == pytest.approx(err.scale, rel=0.2)
+        assert g["sigma"][m]["mean"] == pytest.approx(err.noise_sd, rel=0.2)
+        assert abs(g["alpha"][m]["mean"] - err.bias) < 0.2 * sim.config.intrinsic_sd
+    assert res.summary["diagnostics"]["divergences"] == 0
+
+
+@pytest.mark.slow
+def test_heavy_tailed_inputs_are_detected_and_fitted_by_the_student_t_variant():
+    sim = simulate(n_layers=2, n_heads=4, n_inputs=250, n_exact=100, heavy_tails=3.0, seed=2)
+    gauss = quiet_fit(sim.scores, inference="svi", chains=1, draws=300, progress=False)
+    assert gauss.summary["ppc"]["preferred"] == "student-t"
+    robust = quiet_fit(sim.scores, inference="svi", chains=1, draws=300, likelihood="student-t", progress=False)
+    e = robust.edges.merge(sim.truth, on="edge")
+    y = e["in_circuit"].to_numpy()
+    naive = max(auc(e[f"naive_mean:{m}"].abs().to_numpy(), y) for m in sim.config.methods)
+    assert auc(e["inclusion_prob"].to_numpy(), y) >= naive - 0.02
+    df = robust.summary["ppc"]["student-t"]["df_posterior"]
+    assert max(df, key=df.get) in ("3.0", "5.0")
+    ratio = e["intrinsic_sd_x"] / e["intrinsic_sd_y"] if "intrinsic_sd_x" in e else None
+    if ratio is not None:
+        assert np.median(np.abs(ratio - 1)) < 0.25
+
+
+def test_fit_errors_are_user_errors():
+    assert issubclass(FitError, BayescircError)

@@ -1,0 +1,178 @@
+"""The collapsed per-edge likelihood equals brute-force references on per-input data."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from scipy import integrate, stats  # noqa: E402
+
+from bayescirc.model import (  # noqa: E402
+    Globals,
+    StudentTTable,
+    TauGrid,
+    edge_conditionals,
+    edge_data,
+    edge_log_marginal,
+    gaussian_evidence,
+    quadratic_form,
+    student_t_parts,
+    student_t_table,
+)
+from bayescirc.scores import sufficient_statistics  # noqa: E402
+
+METHODS = ("eap", "ig")
+
+
+def per_input_table(rng, n_inputs=7, n_exact=3, n_edges=3, methods=METHODS, missing=()):
+    """Random scores; ``missing`` lists (edge, method) pairs that are never scored."""
+    rows = []
+    for i in range(n_inputs):
+        for e in range(n_edges):
+            edge = f"x{e}"
+            if i < n_exact:
+                rows.append((i, edge, "exact", rng.normal()))
+            for m in methods:
+                if (e, m) not in missing:
+                    rows.append((i, edge, m, rng.normal() * 2 + 0.3))
+    return pd.DataFrame(rows, columns=["input_id", "edge", "method", "score"])
+
+
+def stats_of(table, tmp_path):
+    path = tmp_path / "s.parquet"
+    table.to_parquet(path, index=False)
+    with pytest.warns(UserWarning):  # edge names outside the graph syntax
+        return sufficient_statistics(path)
+
+
+def globals_(M, rng):
+    return Globals(alpha=jnp.asarray(rng.normal(size=M) * 0.3), beta=jnp.asarray(0.5 + rng.uniform(size=M)),
+                   sigma=jnp.asarray(0.5 + rng.uniform(size=M)), omega=jnp.asarray(0.2 + rng.uniform(size=M)),
+                   slab_sd=jnp.asarray(1.7), spike_sd=0.0, pi=jnp.asarray(0.3))
+
+
+def dense_moments(edge_rows, methods, g, tau, mu_var=None):
+    """Mean and covariance of all of one edge's scores, theta (and optionally u) integrated, built densely."""
+    obs = edge_rows.reset_index(drop=True)
+    n = len(obs)
+    inputs = obs["input_id"].to_numpy()
+    is_exact = (obs["method"] == "exact").to_numpy()
+    midx = np.array([methods.index(m) if m != "exact" else -1 for m in obs["method"]])
+    slope = np.where(is_exact, 1.0, np.asarray(g.beta)[midx])
+    offset = np.where(is_exact, 0.0, np.asarray(g.alpha)[midx])
+    same = inputs[:, None] == inputs[None, :]
+    cov = tau**2 * np.outer(slope, slope) * same
+    cov += np.diag(np.where(is_exact, 0.0, np.asarray(g.sigma)[midx] ** 2))
+    K = 1 + len(methods)
+    H = np.zeros((n, K))
+    H[:, 0] = slope
+    for j in range(n):
+        if not is_exact[j]:
+            H[j, 1 + midx[j]] = 1.0
+    if mu_var is not None:
+        V = np.diag(np.concatenate([[mu_var], np.asarray(g.omega) ** 2]))
+        cov = cov + H @ V @ H.T
+    return obs["score"].to_numpy(), offset, H, cov
+
+
+@pytest.mark.parametrize("n_exact", [0, 3, 7])
+def test_quadratic_form_matches_dense_gaussian_with_theta_integrated(tmp_path, rng, n_exact):
+    table = per_input_table(rng, n_exact=n_exact, missing={(2, "ig")})
+    st = stats_of(table, tmp_path)
+    data, methods = edge_data(st)
+    assert methods == list(METHODS)
+    g = globals_(2, rng)
+    tau = np.array([0.4, 1.3, 0.8])
+    A, b, c = quadratic_form(data, jnp.asarray(tau[:, None] ** 2), g)
+    for e, edge in enumerate(st.edges):
+        rows = table[table.edge == edge]
+        y, offset, H, cov = dense_moments(rows, list(METHODS), g, tau[e])
+        for _ in range(3):
+            u = rng.normal(size=3)
+            want = stats.multivariate_normal(offset + H @ u, cov).logpdf(y)
+            got = float(c[e, 0] - 0.5 * u @ A[e, 0] @ u + b[e, 0] @ u)
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def test_evidence_matches_dense_gaussian_with_mu_and_delta_integrated(tmp_path, rng):
+    table = per_input_table(rng, n_exact=2)
+    st = stats_of(table, tmp_path)
+    data, _ = edge_data(st)
+    g = globals_(2, rng)
+    tau = np.array([0.4, 1.3, 0.8])
+    log_spike, log_slab = edge_log_marginal(data, jnp.asarray(tau[:, None] ** 2), g)
+    for e, edge in enumerate(st.edges):
+        rows = table[table.edge == edge]
+        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], mu_var=1.7**2)
+        assert float(log_slab[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
+        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], mu_var=0.0)
+        assert float(log_spike[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
+
+
+def test_exact_only_evidence_matches_numerical_integration_over_mu(rng):
+    x = rng.normal(0.7, 0.5, size=9)
+    A = jnp.asarray([[[len(x) / 0.25]]])
+    b = jnp.asarray([[x.sum() / 0.25]])
+    c = jnp.asarray([-0.5 * len(x) * np.log(2 * np.pi * 0.25) - 0.5 * (x**2).sum() / 0.25])
+    log_z = gaussian_evidence(A, b, c, jnp.asarray([[2.0**2]]))[0]
+
+    def integrand(mu):
+        return np.exp(stats.norm(mu, 0.5).logpdf(x).sum() + stats.norm(0, 2.0).logpdf(mu))
+
+    want = np.log(integrate.quad(integrand, -10, 10, points=[x.mean()])[0])
+    assert float(log_z[0]) == pytest.approx(want, rel=1e-7)
+
+
+def test_conditional_draws_of_mu_match_the_exact_posterior(tmp_path, rng):
+    table = per_input_table(rng, n_exact=4, n_edges=1)
+    st = stats_of(table, tmp_path)
+    data, _ = edge_data(st)
+    g = globals_(2, rng)
+    g.pi = jnp.asarray(0.999999)
+    tau = 0.6
+    grid = TauGrid(log_tau=np.full((1, 1), np.log(tau)), step=np.ones(1))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = jax.vmap(lambda k: edge_conditionals(k, data, grid, g, jnp.zeros(1), 1.0)["mu"])(keys)[:, 0]
+    # reference: posterior of mu from the dense Gaussian (mu prior N(0, slab^2), delta integrated)
+    rows = table.reset_index(drop=True)
+    y, offset, H, cov = dense_moments(rows, list(METHODS), g, tau)
+    V = np.diag(np.concatenate([[1.7**2], np.asarray(g.omega) ** 2]))
+    prior_cov = H @ V @ H.T + cov
+    gain = V @ H.T @ np.linalg.solve(prior_cov, y - offset)
+    post_cov = V - V @ H.T @ np.linalg.solve(prior_cov, H @ V)
+    assert float(np.mean(draws)) == pytest.approx(gain[0], abs=4 * np.sqrt(post_cov[0, 0] / 4000))
+    assert float(np.std(draws)) == pytest.approx(np.sqrt(post_cov[0, 0]), rel=0.05)
+
+
+def test_student_t_evidence_matches_numerical_integration(rng):
+    """Exact-only edge: tabulated Student-t likelihood times the slab, integrated on the mu-grid."""
+    x = rng.standard_t(4, size=12) * 0.5 + 0.8
+    tau, nu, slab = 0.6, 5.0, 1.5
+    grid = TauGrid(log_tau=np.full((1, 1), np.log(tau)), step=np.ones(1))
+    table = student_t_table(x[None], np.ones((1, 12), bool), grid, mu_center=[0.8], mu_sd=[0.3], points=81,
+                            width=8.0, df=(nu,))
+    assert isinstance(table, StudentTTable)
+    empty = edge_data_exact_free(1)
+    g = Globals(alpha=jnp.zeros(0), beta=jnp.zeros(0), sigma=jnp.zeros(0), omega=jnp.zeros(0),
+                slab_sd=jnp.asarray(slab), spike_sd=0.0, pi=jnp.asarray(0.5))
+    _, log_spike, log_slab, _ = student_t_parts(empty, grid, g, jnp.zeros(1), 1.0, table)
+    s = tau * np.sqrt((nu - 2) / nu)
+
+    def integrand(mu):
+        return np.exp(stats.t(nu, mu, s).logpdf(x).sum() + stats.norm(0, slab).logpdf(mu))
+
+    want = np.log(integrate.quad(integrand, -5, 5, points=[0.8])[0])
+    assert float(log_slab[0, 0, 0]) == pytest.approx(want, rel=1e-6)
+    assert float(log_spike[0, 0, 0]) == pytest.approx(stats.t(nu, 0, s).logpdf(x).sum(), rel=1e-9)
+
+
+def edge_data_exact_free(E):
+    from bayescirc.model import EdgeData
+
+    z = np.zeros(E)
+    zm = np.zeros((E, 0))
+    return EdgeData(n_x=z, sx=z, sxx=z, n_xy=zm, sx_m=zm, sxx_m=zm, sy_m=zm, syy_m=zm, sxy_m=zm,
+                    pat_n=(), pat_s=(), pat_c=(), pat_idx=(), n_methods=0)
