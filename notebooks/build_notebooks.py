@@ -30,7 +30,8 @@ John gave a drink to" → " Mary"). It takes a few minutes on a laptop CPU.
    bias/scale/noise, and each edge's **inclusion probability**;
 3. **circuits**: sample circuits from the posterior, take the median-probability circuit;
 4. **plots** and the **report**."""),
-    ("code", """import os
+    ("code", """%matplotlib inline
+import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the fit runs on CPU here
 from pathlib import Path
 
@@ -80,8 +81,8 @@ print(f"median-probability circuit: {len(circuit)} of {len(result.edges)} edges"
 samples.frequency.sort_values(ascending=False).head(10)"""),
     ("md", """## 4. Plots and the report
 
-`bayescirc.plots.plot(fit, kind)` returns a matplotlib figure; the same figures come from
-`bayescirc plot FIT_DIR --kind KIND`."""),
+`bayescirc.plots.plot(fit, kind)` returns a matplotlib figure (shown inline here: `%matplotlib inline`
+above); the same figures come from `bayescirc plot FIT_DIR --kind KIND`."""),
     ("code", """from bayescirc.plots import plot
 
 plot(result, "circuit")"""),
@@ -105,7 +106,8 @@ GPT-2: pass its directory instead of `"gpt2"`). Not executed by the test suite.
 
 Sizes: exact patching of all 32,491 edges costs one patched forward pass per edge and input; 100 exact
 inputs take minutes on one modern GPU. The approximations run on all 500 inputs."""),
-    ("code", """import os
+    ("code", """%matplotlib inline
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -182,7 +184,8 @@ fragile (Méloux, Portet, Peyrard, *Mechanistic Interpretability as Statistical 
 
 and then what the Bayesian fit does instead: it carries all three into inclusion probabilities.
 Runs in a few minutes on CPU."""),
-    ("code", """import os
+    ("code", """%matplotlib inline
+import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +16,7 @@ from bayescirc.cli import cli
 from bayescirc.errors import BayescircError
 from bayescirc.pipeline import demo
 
+ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_MODULES = ("bayescirc.collection", "bayescirc.fitting", "bayescirc.circuits", "bayescirc.export")
 
 
@@ -29,20 +34,33 @@ def test_demo_help_teaches_the_equivalent_commands():
         assert word in text
 
 
+def _user_env() -> dict:
+    """The environment a user runs in: this checkout importable, without the test harness's forced JAX devices."""
+    env = dict(os.environ)
+    if env.get("XLA_FLAGS") == "--xla_force_host_platform_device_count=2":  # set by tests/conftest.py
+        env.pop("XLA_FLAGS")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
 @pytest.mark.slow
 @pytest.mark.tl
-def test_demo_runs_the_pipeline_and_says_where_things_are(tmp_path):
+def test_demo_command_runs_the_pipeline_and_says_where_things_are(tmp_path):
     missing = [m for m in PIPELINE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {missing} (not on this branch)")
-    lines = []
-    result = demo(tmp_path / "demo", n_inputs=24, exact_inputs=8, draws=150, progress=False, echo=lines.append)
-    for path in (result.scores, result.report, result.circuit_json):
-        assert path.exists() and path.stat().st_size > 0
-    assert (result.fit_dir / "summary.json").exists()
-    text = "\n".join(lines)
-    assert str(result.report.resolve()) in text and str(result.circuit_json.resolve()) in text
-    data = json.loads(result.circuit_json.read_text())
-    assert {e for e, v in data["edges"].items() if v["in_graph"]} == set(result.circuit)
-    assert result.report.read_text().count("<img ") >= 6
-    assert set(result.timings) == {"collect", "fit", "circuits", "report"}
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "bayescirc", "demo", "--out", str(out), "--n-inputs", "24",
+                           "--exact-inputs", "8", "--draws", "150", "--no-progress"],
+                          env=_user_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("scores.parquet", "report.html", "circuit.json", "fit/summary.json"):
+        assert (out / name).stat().st_size > 0
+    assert f"report:  {(out / 'report.html').resolve()}" in proc.stdout
+    assert f"circuit: {(out / 'circuit.json').resolve()}" in proc.stdout
+    for stage in ("[1/4] collect", "[2/4] fit", "[3/4] circuits", "[4/4] report"):
+        assert stage in proc.stdout
+    data = json.loads((out / "circuit.json").read_text())
+    circuit = {e for e, v in data["edges"].items() if v["in_graph"]}
+    assert f"median-probability circuit: {len(circuit)} of " in proc.stdout
+    assert (out / "report.html").read_text().count("<img ") >= 6
