@@ -172,7 +172,8 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     key = jax.random.PRNGKey(seed)
     if inference == "nuts":
         chain_method = "parallel" if jax.local_device_count() >= chains else "sequential"
-        kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9)
+        kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9,
+                      dense_mass=True)
         mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                     progress_bar=progress)
         mcmc.run(key, extra_fields=("diverging", "energy", "num_steps"))

@@ -424,8 +424,18 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, n_t
             data, grid = data.take(idx), grid.take(idx)
             edge_type_idx, layer_idx = edge_type_idx[idx], layer_idx[idx]
         tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
-        log_w = grid_log_weights(data, grid, g, tm, tau_spread)[0]
-        numpyro.factor("edges", logsumexp(log_w, axis=-1))
+        numpyro.factor("edges", edge_log_likelihood(data, grid, g, tm, tau_spread))
+
+
+@jax.jit
+def edge_log_likelihood(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread):
+    """log p(edge e's scores | globals), tau integrated on its grid: (E,).
+
+    Compiled as one function: NumPyro runs the model eagerly while it
+    initialises, and op-by-op dispatch of the per-edge algebra would compile
+    hundreds of tiny kernels (most of a small fit's time).
+    """
+    return logsumexp(grid_log_weights(data, grid, g, tau_mean, tau_spread)[0], axis=-1)
 
 
 # --- per-edge conditionals, for drawing mu, tau, delta and inclusion per posterior draw -------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,9 @@ def sampling_diagnostics(idata, var_names: list[str]) -> dict:
                     best, where = v, name
         return best, where
 
-    with np.errstate(invalid="ignore", divide="ignore"):  # constant draws (an edge always in the spike): undefined, skipped
+    # constant draws (an edge always in the spike) have undefined r_hat/ESS: skipped, not warned about
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         if post.sizes.get("chain", 1) >= 2:
             out["max_r_hat"], out["worst"]["r_hat"] = extreme(az.rhat(post), np.max)
         out["min_ess_bulk"], out["worst"]["ess_bulk"] = extreme(az.ess(post, method="bulk"), np.min)
