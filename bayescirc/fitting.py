@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .errors import BayescircError, FitError
 from .graph import edge_table
-from .posterior import FitResult, make_idata, sampling_diagnostics
+from .posterior import FitResult
 from .scores import SufficientStats, _part_files, sufficient_statistics, write_scores
 
 __all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "hdi", "parse_threshold"]
