@@ -33,9 +33,11 @@ def code_dtype(n_methods: int) -> np.dtype:
 def pattern_codes(observed: np.ndarray) -> np.ndarray:
     """Bit code of the observing methods: ``(inputs, methods, edges)`` bool -> ``(inputs, edges)``."""
     dtype = code_dtype(observed.shape[1])
-    code = np.zeros((observed.shape[0], observed.shape[2]), dtype)
-    for m in range(observed.shape[1]):
-        code |= observed[:, m].astype(dtype) << dtype.type(m)
+    code = observed[:, 0].astype(dtype)
+    bit = np.empty_like(code)
+    for m in range(1, observed.shape[1]):
+        np.left_shift(observed[:, m], dtype.type(m), out=bit, dtype=dtype)
+        code |= bit
     return code
 
 

@@ -154,6 +154,10 @@ def _check_batch(batch: pa.RecordBatch, source: str, row_offset: int) -> None:
 
 def _warn_unparsed(edges: list[str], source: str) -> None:
     _, unparsed = edge_table(edges)
+    _warn_unparsed_names(unparsed, source)
+
+
+def _warn_unparsed_names(unparsed: list[str], source: str) -> None:
     if unparsed:
         shown = ", ".join(repr(e) for e in unparsed[:3])
         warnings.warn(
@@ -161,7 +165,7 @@ def _warn_unparsed(edges: list[str], source: str) -> None:
             f"(e.g. {shown}); expected names like 'a0.h3->a2.h1<q>', 'm1->logits', 'input->m0'. "
             "They are kept and pooled in a generic 'other' group.",
             EdgeNameWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -455,20 +459,21 @@ def write_scores(table: pd.DataFrame, path: str | os.PathLike, metadata: dict | 
 # --- summaries ------------------------------------------------------------------------------
 
 
+_NODE_ORDER = {"input": 0, "attn": 1, "mlp": 2, "logits": 3}
+
+
 def _edge_sort_key(edge: str):
-    """EAP-IG order (receiver in forward order, then source) for parseable edges."""
+    """EAP-IG order (receiver in forward order, then source) for parseable edges; the rest after, by name."""
     try:
         info = parse_edge(edge)
     except ValueError:
         return (1, 0, 0, 0, 0, 0, edge)
 
-    def node_key(name: str) -> tuple[int, int]:
-        node = parse_node(name)
-        layer = node.layer if node.layer is not None else 1 << 30
-        order = {"input": 0, "attn": 1, "mlp": 2, "logits": 3}[node.kind]
-        return (layer, order * (1 << 20) + (node.head or 0))
+    def node_key(layer, kind, head) -> tuple[int, int]:
+        return (layer if layer is not None else 1 << 30, _NODE_ORDER[kind] * (1 << 20) + (head or 0))
 
-    return (0, *node_key(info.receiver), QKV.index(info.qkv) if info.qkv else 0, *node_key(info.source), "")
+    return (0, *node_key(info.receiver_layer, info.receiver_type, info.receiver_head),
+            QKV.index(info.qkv) if info.qkv else 0, *node_key(info.source_layer, info.source_type, info.source_head), "")
 
 
 @dataclass
@@ -569,6 +574,7 @@ class _Coder:
         self.index: dict[str, int] = {}
         self._dictionary: pa.Array | None = None
         self._mapping = np.zeros(0, np.int64)
+        self._identity = True
 
     @property
     def names(self) -> list[str]:
@@ -581,8 +587,10 @@ class _Coder:
         if self._dictionary is None or not dictionary.equals(self._dictionary):
             index = self.index
             self._mapping = np.array([index.setdefault(s, len(index)) for s in dictionary.to_pylist()], np.int64)
+            self._identity = bool((self._mapping == np.arange(len(self._mapping))).all())
             self._dictionary = dictionary
-        return self._mapping[column.indices.to_numpy(zero_copy_only=False)]
+        indices = column.indices.to_numpy(zero_copy_only=False)
+        return indices if self._identity else self._mapping[indices]
 
     def code_of(self, name: str) -> int | None:
         return self.index.get(name)
@@ -840,7 +848,8 @@ def _assemble(moments: PatternMoments, edge_names: list[str], method_names: list
     """Order edges (graph order), methods (exact first) and patterns (most methods first) and build the result."""
     codes = moments.codes()
     present = np.flatnonzero(moments.edge_counts() > 0)  # dictionary entries without rows are no edges
-    edge_idx = np.array(sorted(present, key=lambda i: _edge_sort_key(edge_names[i])), dtype=np.int64)
+    keys = {i: _edge_sort_key(edge_names[i]) for i in present}
+    edge_idx = np.array(sorted(present, key=keys.__getitem__), dtype=np.int64)
     used = 0
     for c in codes:
         used |= c
@@ -849,7 +858,7 @@ def _assemble(moments: PatternMoments, edge_names: list[str], method_names: list
     edges = [edge_names[i] for i in edge_idx]
     methods = [method_names[m] for m in method_idx]
     _check_declared_methods(metadata, methods, source)
-    _warn_unparsed(edges, source)
+    _warn_unparsed_names([edge_names[i] for i in edge_idx if keys[i][0] == 1], source)
     final = {c: sum(1 << j for j, m in enumerate(method_idx) if c >> int(m) & 1) for c in codes}
     codes = sorted(codes, key=lambda c: (-bin(final[c]).count("1"), final[c]))
     M = len(methods)
