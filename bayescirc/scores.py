@@ -41,6 +41,7 @@ __all__ = [
     "read_metadata",
     "read_scores",
     "scores_summary",
+    "exact_scores",
     "sufficient_statistics",
     "validate_scores",
     "write_scores",
@@ -884,3 +885,72 @@ def scores_summary(path: str | os.PathLike) -> dict:
         "methods": methods,
         "metadata": stats.metadata,
     }
+
+
+def exact_scores(path: str | os.PathLike, edges, method: str = schema.EXACT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One method's per-input scores as a dense ``(edges, inputs)`` matrix (the exact scores, for the Student-t fit and the PPC).
+
+    Parameters
+    ----------
+    path : str or Path
+        A scores file or directory of parts, already checked by :func:`sufficient_statistics`.
+    edges : sequence of str
+        Row order of the result (``SufficientStats.edges``); rows of other edges are ignored.
+    method : str, default "exact"
+
+    Returns
+    -------
+    ``(values, mask, input_ids)``: float64 ``(E, N)`` scores, ``(E, N)`` bool
+    marking the scored cells, and the ``N`` sorted input ids that have at least
+    one score of ``method``. Only row groups whose ``method`` statistics can
+    hold ``method`` are read.
+    """
+    parts = _part_files(Path(path))
+    edge_index = pd.Index(np.asarray(edges, dtype=object).astype(str))
+    rows, ids, values = [], [], []
+    mapping, last = None, None
+    for batch, _, _ in _prefetched(_iter_method_batches(parts, method)):
+        col = batch.column(schema.METHOD)
+        if not pa.types.is_dictionary(col.type):
+            col = pc.dictionary_encode(col)
+        code = col.dictionary.to_pylist().index(method) if method in col.dictionary.to_pylist() else -1
+        if code < 0:
+            continue
+        keep = np.flatnonzero(col.indices.to_numpy(zero_copy_only=False) == code)
+        if not len(keep):
+            continue
+        edge_col = batch.column(schema.EDGE)
+        if not pa.types.is_dictionary(edge_col.type):
+            edge_col = pc.dictionary_encode(edge_col)
+        if last is None or not edge_col.dictionary.equals(last):
+            mapping, last = edge_index.get_indexer(edge_col.dictionary.to_pylist()), edge_col.dictionary
+        e = mapping[edge_col.indices.to_numpy(zero_copy_only=False)[keep]]
+        ok = e >= 0
+        rows.append(e[ok])
+        ids.append(batch.column(schema.INPUT_ID).to_numpy()[keep][ok])
+        values.append(batch.column(schema.SCORE).to_numpy(zero_copy_only=False)[keep][ok].astype(np.float64))
+    E = len(edge_index)
+    if not rows:
+        return np.zeros((E, 0)), np.zeros((E, 0), bool), np.zeros(0, np.int64)
+    bid = np.concatenate(ids)
+    input_ids = np.unique(bid)
+    cols = np.searchsorted(input_ids, bid)
+    e = np.concatenate(rows)
+    out = np.zeros((E, len(input_ids)))
+    mask = np.zeros((E, len(input_ids)), bool)
+    out[e, cols] = np.concatenate(values)
+    mask[e, cols] = True
+    return out, mask, input_ids.astype(np.int64)
+
+
+def _iter_method_batches(parts: list[Path], method: str) -> Iterator[tuple[pa.RecordBatch, str, int]]:
+    """Batches of the row groups whose ``method`` statistics do not rule ``method`` out."""
+    for part in parts:
+        pf = _open(part, dictionary=True)
+        col = pf.schema_arrow.get_field_index(schema.METHOD)
+        for rg in range(pf.num_row_groups):
+            stats = pf.metadata.row_group(rg).column(col).statistics
+            if stats is not None and stats.has_min_max and isinstance(stats.min, str) and not stats.min <= method <= stats.max:
+                continue
+            for batch in pf.iter_batches(columns=list(schema.REQUIRED_COLUMNS), row_groups=[rg], batch_size=ROW_GROUP_SIZE):
+                yield batch, str(part), 0

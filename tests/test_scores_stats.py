@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from bayescirc import schema
 from bayescirc.errors import ScoresError
 from bayescirc.graph import Graph
-from bayescirc.scores import EdgeNameWarning, sufficient_statistics
+from bayescirc.scores import EdgeNameWarning, exact_scores, sufficient_statistics
 
 METHODS = ("exact", "eap", "eap-ig-inputs")
 
@@ -215,3 +215,20 @@ def test_empty_edge_names_are_refused_and_odd_names_warn(tmp_path):
     with pytest.warns(EdgeNameWarning, match="1 edge name"):
         stats = sufficient_statistics(tmp_path / "odd.parquet")
     assert stats.edges[-1] == "embed->mlp0"  # unparsed names come after the graph's edges
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_exact_scores_are_the_pivoted_exact_rows_in_the_statistics_edge_order(tmp_path, dtype):
+    frame = tidy_scores(n_inputs=9, n_exact=5, graph=Graph(2, 2), drop_rows=0.2, dtype=dtype)
+    frame = frame[~((frame.method == "exact") & (frame.input_id == 3))]  # an exact gap: input 3 has no exact score
+    path = write_parts(frame, tmp_path / "parts", n_parts=3, row_group_size=11)
+    stats = sufficient_statistics(path)
+    values, mask, ids = exact_scores(path, stats.edges)
+    exact = frame[frame.method == "exact"]
+    np.testing.assert_array_equal(ids, np.sort(exact.input_id.unique()))
+    wide = exact.pivot_table(index="edge", columns="input_id", values="score", aggfunc="first")
+    wide = wide.reindex(index=list(stats.edges), columns=ids)
+    np.testing.assert_array_equal(mask, wide.notna().to_numpy())
+    np.testing.assert_array_equal(values, wide.fillna(0.0).to_numpy(np.float64))
+    none = exact_scores(path, stats.edges, method="clean-corrupted")
+    assert none[0].shape == (len(stats.edges), 0) and none[2].size == 0
