@@ -88,10 +88,6 @@ class DenseBlock:
         self.observed.reshape(-1)[flat] = True
         self.rows += len(flat)
 
-    def flat_index(self, pos, method, edge) -> np.ndarray:
-        _, M, E = self.values.shape
-        return (pos.astype(np.int64) * M + method) * E + edge
-
     def n_observed(self) -> int:
         """Distinct cells written; fewer than ``rows`` means duplicate rows."""
         return int(np.count_nonzero(self.observed))

@@ -33,7 +33,7 @@ from . import schema
 from ._io import atomic_path
 from ._moments import DenseBlock, PatternMoments
 from .errors import ScoresError
-from .graph import QKV, edge_table, parse_edge, parse_node
+from .graph import QKV, edge_table, parse_edge
 
 __all__ = [
     "ScoresWriter",
