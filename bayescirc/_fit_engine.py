@@ -56,8 +56,9 @@ class Problem:
         data = self.data
         if self.student_t is not None:
             data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
-        return (data, self.grid, np.asarray(self.type_idx), np.asarray(self.layer_idx), np.asarray(self.scale, float),
-                self.student_t)
+        as_jax = partial(jax.tree.map, jnp.asarray)  # edge subsampling indexes them with traced indices
+        return (as_jax(data), as_jax(self.grid), jnp.asarray(self.type_idx), jnp.asarray(self.layer_idx),
+                jnp.asarray(self.scale, float), None if self.student_t is None else as_jax(self.student_t))
 
     @classmethod
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
@@ -162,7 +163,7 @@ def refine(problem: Problem) -> bm.TauGrid:
     parts = [_refine_jit(problem.data.take(sl), problem.grid.take(sl), g, tm[sl], ts)
              for sl in (slice(s, s + step) for s in range(0, E, step))]
     return bm.TauGrid(log_tau=np.concatenate([np.asarray(p.log_tau) for p in parts]),
-                      step=np.concatenate([np.asarray(p.step) for p in parts]))
+                      step=np.concatenate([np.asarray(p.step) for p in parts]), unit=parts[0].unit)
 
 
 @jax.jit

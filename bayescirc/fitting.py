@@ -33,7 +33,7 @@ from . import schema
 from .errors import BayescircError, FitError
 from .graph import edge_table
 from .posterior import FitResult
-from .scores import SufficientStats, _part_files, sufficient_statistics, write_scores
+from .scores import SufficientStats, _part_files, exact_scores, sufficient_statistics, write_scores
 
 __all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "hdi", "parse_threshold"]
 
@@ -96,20 +96,8 @@ def _exact_matrix(path: Path, stats: SufficientStats) -> tuple[np.ndarray, np.nd
     E = len(stats.edges)
     if not exact:
         return np.zeros((E, 0)), np.zeros((E, 0), bool), np.zeros(0, np.int64)
-    frames = []
-    for part in _part_files(path):
-        table = pq.read_table(part, columns=list(schema.REQUIRED_COLUMNS), filters=[(schema.METHOD, "==", exact[0])])
-        frames.append(table.to_pandas())
-    frame = pd.concat(frames, ignore_index=True)
-    ids = np.unique(frame[schema.INPUT_ID].to_numpy())
-    e_index = pd.Index(stats.edges.astype(str))
-    rows = e_index.get_indexer(frame[schema.EDGE].astype(str))
-    cols = np.searchsorted(ids, frame[schema.INPUT_ID].to_numpy())
-    values = np.zeros((E, len(ids)))
-    mask = np.zeros((E, len(ids)), bool)
-    values[rows, cols] = frame[schema.SCORE].to_numpy(float)
-    mask[rows, cols] = True
-    return values, mask, ids
+    values, mask, ids = exact_scores(path, stats.edges, exact[0])
+    return np.asarray(values, float), mask, ids
 
 
 def _total_effect(path: Path) -> float | None:

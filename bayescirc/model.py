@@ -17,7 +17,9 @@ diagonal Gaussian across methods), the log-likelihood is a quadratic form
 :class:`~bayescirc.scores.SufficientStats`, and ``u`` integrates out in closed
 form under each mixture component. ``tau[e]`` integrates out numerically on a
 per-edge grid in ``log tau`` (trapezoid rule, exact to many digits once the
-spacing is below the posterior width, which :func:`refine_grid` ensures), so
+spacing is below the width of prior x likelihood: :func:`refine_grid`
+describes each edge's likelihood and :func:`placed_grid` puts the points on its
+product with the current tau prior, however narrow that prior), so
 the sampler sees only the ~20 global parameters and the cost per evaluation is
 O(edges x grid), independent of the number of inputs.
 
@@ -317,13 +319,20 @@ def edge_log_marginal(data: EdgeData, var, g: Globals):
 @jax.tree_util.register_dataclass
 @dataclass
 class TauGrid:
-    """Per-edge grid of ``log tau`` points (E, G) with spacing ``step`` (E,): trapezoid weights."""
+    """Per-edge grid of ``log tau`` points (E, G) with spacing ``step`` (E,): trapezoid weights.
+
+    ``unit`` = 0: the points are used as they are (the wide starting grid).
+    ``unit`` > 0: the grid describes edge e's likelihood in ``log tau`` (centre
+    = middle point, spacing ``unit`` likelihood SDs) and :func:`placed_grid`
+    moves it onto prior x likelihood for each value of the tau prior.
+    """
 
     log_tau: jnp.ndarray
     step: jnp.ndarray
+    unit: float = field(default=0.0, metadata=dict(static=True))
 
     def take(self, idx) -> TauGrid:
-        return TauGrid(log_tau=self.log_tau[idx], step=self.step[idx])
+        return TauGrid(log_tau=self.log_tau[idx], step=self.step[idx], unit=self.unit)
 
 
 def coarse_grid(n_edges: int, scale: float, points: int = 40) -> TauGrid:
@@ -332,11 +341,35 @@ def coarse_grid(n_edges: int, scale: float, points: int = 40) -> TauGrid:
     return TauGrid(log_tau=np.tile(lt, (n_edges, 1)), step=np.full(n_edges, lt[1] - lt[0]))
 
 
+def placed_grid(grid: TauGrid, tau_mean, tau_spread) -> TauGrid:
+    """The quadrature points for ``log tau`` under the prior N(tau_mean, tau_spread).
+
+    A fixed grid fails when the prior is narrower than its spacing: the
+    trapezoid sum of a spike-shaped prior is then far from 1 and peaks whenever
+    ``tau_mean`` sits on a grid point, a spurious mode that pulled
+    ``tau_spread`` towards 0 (found by simulation-based calibration: tau
+    posteriors far too narrow). The points are therefore placed on the Gaussian
+    product of the edge's likelihood proxy and the prior, spaced ``unit`` SDs
+    of that product, so they always resolve the integrand.
+    """
+    if not grid.unit:
+        return grid
+    G = grid.log_tau.shape[-1]
+    lik_sd = grid.step / grid.unit
+    centre = jnp.mean(grid.log_tau, -1)
+    prec = 1.0 / lik_sd**2 + 1.0 / tau_spread**2
+    sd = 1.0 / jnp.sqrt(prec)
+    mean = (centre / lik_sd**2 + tau_mean / tau_spread**2) / prec
+    z = (jnp.arange(G) - (G - 1) / 2) * grid.unit
+    return TauGrid(log_tau=mean[:, None] + sd[:, None] * z[None, :], step=sd * grid.unit, unit=0.0)
+
+
 def grid_log_weights(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread):
     """log of [prior(log tau) * likelihood * spacing] per grid point, and the spike/slab parts.
 
-    Returns ``(log_w, log_spike, log_slab)``, each (E, G); ``log_w`` already
-    includes the mixture over spike and slab and the inclusion rate ``pi``.
+    ``grid`` must already be placed (:func:`placed_grid`). Returns
+    ``(log_w, log_spike, log_slab)``, each (E, G); ``log_w`` already includes
+    the mixture over spike and slab and the inclusion rate ``pi``.
     """
     var = jnp.exp(2 * grid.log_tau)
     log_spike, log_slab = edge_log_marginal(data, var, g)
@@ -345,22 +378,26 @@ def grid_log_weights(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_sp
     return log_prior + log_mix, log_spike, log_slab
 
 
-def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread, points: int = 11,
+def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean=None, tau_spread=None, points: int = 11,
                 width: float = 5.0, min_sd: float = 1e-3) -> TauGrid:
-    """A per-edge grid centred on the conditional posterior of ``log tau`` at the given parameters.
+    """A per-edge grid describing the edge's likelihood in ``log tau`` at the given parameters.
 
-    Spans ``width`` posterior SDs either side with ``points`` points (spacing
-    one posterior SD, where the trapezoid rule on a Gaussian-shaped peak is
-    exact to ~1e-8 relative). Apply twice from :func:`coarse_grid`.
+    Centred on the likelihood's mean, spanning ``width`` of its SDs either
+    side with ``points`` points (spacing one SD); :func:`placed_grid` then
+    moves it onto prior x likelihood. Apply twice from :func:`coarse_grid`.
+    The tau prior arguments are accepted for symmetry and not used: the
+    description must not depend on the prior it is later combined with.
     """
-    log_w = grid_log_weights(data, grid, g, tau_mean, tau_spread)[0]
-    w = jax.nn.softmax(log_w, axis=-1)
+    var = jnp.exp(2 * grid.log_tau)
+    log_spike, log_slab = edge_log_marginal(data, var, g)
+    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
+    w = jax.nn.softmax(log_mix + jnp.log(grid.step)[:, None], axis=-1)
     m = jnp.sum(w * grid.log_tau, -1)
     sd = jnp.sqrt(jnp.sum(w * (grid.log_tau - m[:, None]) ** 2, -1))
     sd = jnp.maximum(sd, jnp.maximum(min_sd, 0.35 * grid.step))
     z = jnp.linspace(-width, width, points)
     lt = m[:, None] + sd[:, None] * z[None, :]
-    return TauGrid(log_tau=lt, step=sd * (z[1] - z[0]))
+    return TauGrid(log_tau=lt, step=sd * (z[1] - z[0]), unit=2 * width / (points - 1))
 
 
 # --- the NumPyro model ----------------------------------------------------------------------------
@@ -448,7 +485,8 @@ def edge_log_likelihood(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau
     initialises, and op-by-op dispatch of the per-edge algebra would compile
     hundreds of tiny kernels (most of a small fit's time).
     """
-    return logsumexp(grid_log_weights(data, grid, g, tau_mean, tau_spread)[0], axis=-1)
+    return logsumexp(grid_log_weights(data, placed_grid(grid, tau_mean, tau_spread), g, tau_mean, tau_spread)[0],
+                     axis=-1)
 
 
 # --- per-edge conditionals, for drawing mu, tau, delta and inclusion per posterior draw -------------
@@ -465,6 +503,7 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
     | data, globals).
     """
     k_tau, k_jit, k_ind, k_u = jax.random.split(key, 4)
+    grid = placed_grid(grid, tau_mean, tau_spread)
     log_w, log_spike, log_slab = grid_log_weights(data, grid, g, tau_mean, tau_spread)
     E, G = log_w.shape
     M = data.n_methods

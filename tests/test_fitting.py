@@ -144,6 +144,18 @@ def test_exact_scores_only(tiny):
     np.testing.assert_allclose(res.edges["effect_mean"], res.edges["naive_mean:exact"], atol=0.35)
 
 
+def test_svi_subsamples_edges_on_large_graphs(tiny, monkeypatch):
+    """Above SVI_EDGE_BATCH edges SVI sees a random edge minibatch per step (GPT-2 scale); shrink it to run here."""
+    from bayescirc import _fit_engine
+
+    monkeypatch.setattr(_fit_engine, "SVI_EDGE_BATCH", 5)
+    res = quiet_fit(tiny.scores, **FAST)
+    assert np.isfinite(res.edges[["effect_mean", "inclusion_prob", "effect_sd"]].to_numpy()).all()
+    assert np.isfinite(res.summary["diagnostics"]["svi_final_loss"])
+    full = quiet_fit(tiny.scores, **FAST)
+    assert np.corrcoef(res.edges["effect_mean"], full.edges["effect_mean"])[0, 1] > 0.95
+
+
 def test_approximate_scores_only_warns_loudly_that_errors_rest_on_priors():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=40, n_exact=0, seed=5)
     res, messages = fit_warnings(sim.scores, **FAST)
