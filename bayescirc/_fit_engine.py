@@ -46,12 +46,18 @@ class Problem:
 
     @property
     def model(self):
+        """The collapsed model with its static settings bound; call it with :attr:`args`."""
+        return partial(bm.collapsed_model, n_types=self.n_types, n_layers=self.n_layers, spike_sd=self.spike_sd,
+                       exact_present=self.exact_present, edge_batch=self.edge_batch)
+
+    @property
+    def args(self) -> tuple:
+        """The model's array arguments: passed to JAX, never closed over, so equal shapes share a compilation."""
         data = self.data
         if self.student_t is not None:
             data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
-        return partial(bm.collapsed_model, data, self.grid, jnp.asarray(self.type_idx), jnp.asarray(self.layer_idx),
-                       self.n_types, self.n_layers, self.scale, spike_sd=self.spike_sd,
-                       exact_present=self.exact_present, student_t=self.student_t, edge_batch=self.edge_batch)
+        return (data, self.grid, np.asarray(self.type_idx), np.asarray(self.layer_idx), np.asarray(self.scale, float),
+                self.student_t)
 
     @classmethod
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
@@ -65,10 +71,10 @@ class Problem:
         # the globals are shared by all edges: a random subset of edges locates their mode well
         sub = np.sort(np.random.default_rng(0).choice(E, min(E, MAP_EDGES), replace=False))
         small = base.subset(sub)
-        small.map_values = map_estimate(small, steps=200, lr=0.05, progress=progress)
+        small.map_values, state = map_estimate(small, steps=300, lr=0.03, progress=progress)
         for _ in range(2):
             small.grid = refine(small)
-        small.map_values = map_estimate(small, steps=100, lr=0.02, progress=progress)
+        small.map_values, _ = map_estimate(small, steps=100, lr=0.03, progress=progress, state=state)  # same lr
         base.map_values = small.map_values
         for _ in range(2):
             base.grid = refine(base)
@@ -104,13 +110,45 @@ def _tau_prior(problem: Problem, sample: dict):
     return tm, sample["tau_spread"]
 
 
-def map_estimate(problem: Problem, steps: int, lr: float, progress: bool = False) -> dict:
-    """Posterior mode of the globals (SVI with a point-mass guide), starting from ``problem.map_values``."""
-    model = problem.model
-    guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
-    svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
-    res = svi.run(jax.random.PRNGKey(1), steps, progress_bar=False)
-    return {k: np.asarray(v) for k, v in guide.median(res.params).items()}
+def map_estimate(problem: Problem, steps: int, lr: float, progress: bool = False, state=None):
+    """Posterior mode of the globals (Adam on a point-mass guide), from ``problem.map_values`` or ``state``.
+
+    Returns ``(values, state)``: pass ``state`` back to continue after the grids
+    change (the optimiser is compiled once per data shape and reused).
+    """
+    args = problem.args
+    if state is None:
+        model = problem.model
+        guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
+        svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+        svi_state = svi.init(jax.random.PRNGKey(1), *args)
+    else:
+        svi, guide, svi_state = state
+    svi_state, _ = _svi_steps(svi, svi_state, args, steps)
+    return {k: np.asarray(v) for k, v in guide.median(svi.get_params(svi_state)).items()}, (svi, guide, svi_state)
+
+
+SVI_CHUNK = 100  # optimisation steps per compiled call
+
+
+def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False):
+    """Run ``steps`` SVI updates in compiled chunks, the data passed as arguments (not baked into the program)."""
+    from tqdm.auto import tqdm
+
+    def chunk(state, args):
+        return jax.lax.scan(lambda st, _: svi.update(st, *args), state, None, length=SVI_CHUNK)
+
+    fn = jax.jit(chunk)
+    losses = []
+    bar = tqdm(total=steps, desc="svi", unit="step", disable=not progress)
+    for _ in range(math.ceil(steps / SVI_CHUNK)):
+        state, loss = fn(state, args)
+        losses.append(np.asarray(loss))
+        bar.update(SVI_CHUNK)
+        if progress:
+            bar.set_postfix(loss=f"{float(losses[-1][-1]):.4g}")
+    bar.close()
+    return state, np.concatenate(losses)[:steps] if losses else np.zeros(0)
 
 
 def refine(problem: Problem) -> bm.TauGrid:
@@ -136,15 +174,21 @@ def _conditional_mu(problem: Problem):
     """Slab-conditional posterior mean and SD of mu at the MAP, tau at the grid centre."""
     sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
     g = _globals(sample, problem.data.n_methods, problem.spike_sd)
-    G = problem.grid.log_tau.shape[1]
-    var = jnp.exp(2 * jnp.asarray(problem.grid.log_tau[:, G // 2 : G // 2 + 1]))
-    A, b, c = bm.quadratic_form(problem.data, var, g)
-    prior = bm._prior_vars(g, problem.data.n_methods, jnp.full(var.shape, g.slab_sd**2))
+    mean, sd = _conditional_mu_jit(problem.data, jnp.asarray(problem.grid.log_tau), g)
+    return np.asarray(mean), np.asarray(sd)
+
+
+@jax.jit
+def _conditional_mu_jit(data, log_tau, g):
+    G = log_tau.shape[1]
+    var = jnp.exp(2 * log_tau[:, G // 2 : G // 2 + 1])
+    A, b, c = bm.quadratic_form(data, var, g)
+    prior = bm._prior_vars(g, data.n_methods, jnp.full(var.shape, g.slab_sd**2))
     _, chol, L = bm.gaussian_evidence(A, b, c, prior)
     mean = bm._posterior_draw(chol, L, b, jnp.zeros(b.shape))[:, 0, 0]
     e0 = jnp.zeros(b.shape).at[..., 0].set(1.0)
     sd = L[..., 0] * jnp.sqrt(jnp.sum(bm.solve_lower(chol, e0) ** 2, -1))
-    return np.asarray(mean), np.asarray(sd[:, 0])
+    return mean, sd[:, 0]
 
 
 def _posterior_mean_mu(problem: Problem) -> np.ndarray:
@@ -168,15 +212,15 @@ class InferenceResult:
 
 def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, seed: int, progress: bool,
         svi_steps: int) -> InferenceResult:
-    model = problem.model
+    model, args = problem.model, problem.args
     key = jax.random.PRNGKey(seed)
     if inference == "nuts":
         chain_method = "parallel" if jax.local_device_count() >= chains else "sequential"
         kernel = NUTS(model, init_strategy=init_to_value(values=problem.map_values), target_accept_prob=0.9,
                       dense_mass=True)
         mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
-                    progress_bar=progress)
-        mcmc.run(key, extra_fields=("diverging", "energy", "num_steps"))
+                    progress_bar=progress, jit_model_args=True)
+        mcmc.run(key, *args, extra_fields=("diverging", "energy", "num_steps"))
         samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
         extra = mcmc.get_extra_fields(group_by_chain=True)
         stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"]),
@@ -188,9 +232,10 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     guide_cls = AutoMultivariateNormal if n_latent <= 200 else AutoLowRankMultivariateNormal
     guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values), init_scale=0.01)
     svi = SVI(model, guide, numpyro.optim.Adam(0.005), Trace_ELBO(num_particles=2))
-    res = svi.run(key, svi_steps, progress_bar=progress)
-    losses = np.asarray(res.losses)
-    samples = guide.sample_posterior(jax.random.fold_in(key, 1), res.params, sample_shape=(chains * draws,))
+    state = svi.init(key, *args)
+    state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress)
+    params = svi.get_params(state)
+    samples = guide.sample_posterior(jax.random.fold_in(key, 1), params, *args, sample_shape=(chains * draws,))
     samples = {k: np.asarray(v)[None] for k, v in samples.items() if k in problem.map_values or k in ("type_z", "layer_z")}
     return InferenceResult(samples=samples, sample_stats={}, svi_loss=losses)
 
@@ -253,14 +298,16 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     if problem.student_t is not None:
         data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
 
-    def one(key, sample):
+    def one(key, sample, data, grid, type_idx, layer_idx, table):
         g = _globals(sample, M, problem.spike_sd)
-        tm, ts = _tau_prior(problem, sample)
-        if problem.student_t is None:
-            out = bm.edge_conditionals(key, data, problem.grid, g, tm, ts, threshold=threshold)
+        tm = bm.tau_means(sample["tau_loc"], sample["type_sd"] * sample["type_z"],
+                          sample["layer_sd"] * sample["layer_z"], type_idx, layer_idx)
+        ts = sample["tau_spread"]
+        if table is None:
+            out = bm.edge_conditionals(key, data, grid, g, tm, ts, threshold=threshold)
             out["df"] = jnp.asarray(jnp.inf)
         else:
-            out = _t_conditionals(key, data, problem.grid, g, tm, ts, problem.student_t, threshold=threshold)
+            out = _t_conditionals(key, data, grid, g, tm, ts, table, threshold=threshold)
         if M:
             err = g.alpha + (g.beta - 1) * out["mu"][:, None] + out["delta"]  # (E, M)
             out["err"] = err
@@ -272,7 +319,12 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     if problem.student_t is not None:
         per_draw += problem.student_t.log_lik.size * 8 * 3
     chunk = int(max(1, min(C * D, 4e8 // per_draw)))
-    fn = jax.jit(jax.vmap(one))
+    batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
+    args = (data, problem.grid, np.asarray(problem.type_idx), np.asarray(problem.layer_idx), problem.student_t)
+
+    def fn(k, smp):
+        return batched(k, smp, *args)
+
     keys = jax.random.split(jax.random.PRNGKey(seed + 7919), C * D)
     keep_delta = M and C * D * E * M <= keep_delta_max
     mu = np.zeros((C * D, E), np.float32)
@@ -284,7 +336,9 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     bar = tqdm(total=C * D, desc="edge draws", unit="draw", disable=not progress)
     for s in range(0, C * D, chunk):
         sl = slice(s, min(C * D, s + chunk))
-        out = fn(keys[sl], {k: v[sl] for k, v in flat.items()})
+        n_here = sl.stop - sl.start
+        pad = np.r_[np.arange(sl.start, sl.stop), np.full(chunk - n_here, sl.start)]  # one shape: one compilation
+        out = {k: v[:n_here] for k, v in fn(keys[pad], {k: v[pad] for k, v in flat.items()}).items()}
         mu[sl] = np.asarray(out["mu"])
         tau[sl] = np.asarray(out["tau"])
         inc[sl] = np.asarray(out["inclusion"])

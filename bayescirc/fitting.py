@@ -174,6 +174,34 @@ def _groups(edges: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, li
 # --- numerics ------------------------------------------------------------------------------------------
 
 
+def use_compilation_cache() -> str | None:
+    """Keep compiled JAX programs on disk so later fits of the same shapes skip compilation.
+
+    Compiling the model's programs costs tens of seconds; bootstrap refits,
+    simulation-based calibration and repeated fits of one file compile the very
+    same programs (data are arguments, never constants). The directory is
+    ``$BAYESCIRC_JAX_CACHE``, else ``$XDG_CACHE_HOME/bayescirc/jax`` (default
+    ``~/.cache/bayescirc/jax``); ``BAYESCIRC_JAX_CACHE=off`` disables it, and a
+    cache directory the user already configured in JAX is left alone.
+    Returns the directory in use, or None.
+    """
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    setting = os.environ.get("BAYESCIRC_JAX_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    directory = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bayescirc" / "jax"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile every time, as JAX does by default
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return str(directory)
+
+
 def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
     """Highest-density interval of each column of ``draws`` (n_draws, k): the narrowest window with ``prob`` mass."""
     x = np.sort(np.asarray(draws), axis=0)
@@ -249,6 +277,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    use_compilation_cache()
     from . import _fit_engine as engine
 
     started = time.perf_counter()

@@ -19,6 +19,7 @@ import argparse
 import os
 import time
 import warnings
+from functools import partial
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -45,8 +46,9 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
                         sy_m=np.zeros((E, M)), syy_m=np.zeros((E, M)), sxy_m=np.zeros((E, M)), pat_n=(), pat_s=(),
                         pat_c=(), pat_idx=(), n_methods=M)
     grid = bm.coarse_grid(E, scale, points=3)
-    draw = Predictive(bm.collapsed_model, num_samples=1)(jax.random.PRNGKey(seed), dummy, grid, jnp.asarray(type_idx),
-                                                      jnp.asarray(layer_idx), len(types), len(layers), scale)
+    model = partial(bm.collapsed_model, n_types=len(types), n_layers=len(layers))
+    draw = Predictive(model, num_samples=1)(jax.random.PRNGKey(seed), dummy, grid, jnp.asarray(type_idx),
+                                            jnp.asarray(layer_idx), scale)
     g = {k: np.asarray(v[0]) for k, v in draw.items() if k != "edges"}
     rng = np.random.default_rng(seed)
     tm = g["tau_loc"] + g["type_sd"] * g["type_z"][type_idx] + g["layer_sd"] * g["layer_z"][layer_idx]
