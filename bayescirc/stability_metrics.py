@@ -194,7 +194,7 @@ def matched_top_k(means: np.ndarray, sizes: np.ndarray, index: EdgeIndex) -> tup
         order = _top_order(row)
 
         def circuit(k, order=order):
-            mask = np.zeros(len(row), dtype=bool)
+            mask = np.zeros(len(order), dtype=bool)
             mask[order[:k]] = True
             return index.prune(mask)
 
