@@ -146,7 +146,11 @@ class Simulation:
 
 
 def _planted_circuit(graph: Graph, fraction: float, rng: np.random.Generator) -> set[str]:
-    """Union of random forward paths input -> logits until ``fraction`` of edges is reached."""
+    """Union of random forward paths input -> logits until ``fraction`` of edges is reached.
+
+    Every path is complete, so the planted circuit survives pruning; its size is
+    the target, or one more when the last path had to be closed.
+    """
     target = int(round(fraction * graph.n_edges))
     if target == 0:
         return set()
@@ -163,7 +167,12 @@ def _planted_circuit(graph: Graph, fraction: float, rng: np.random.Generator) ->
             edge = out[rng.choice(len(out), p=weights / weights.sum())]
             chosen.add(edge)
             node = parse_edge(edge).receiver
-            if len(chosen) >= target:
+            if len(chosen) >= target and node != LOGITS:
+                # Target reached mid-path: close the path with the node's direct edge to
+                # logits (every node has one) so the circuit stays a union of complete
+                # input->logits paths (pruning keeps every planted edge) and overshoots
+                # the target by at most one edge.
+                chosen.add(f"{node}->{LOGITS}")
                 break
     return chosen
 

@@ -19,15 +19,41 @@ inputs (the same resamples for every method and pipeline) and reported side by s
 - per edge, from exact scores: coefficient of variation ``sd / |mean|`` across
   inputs and sign consistency ``max(P(score > 0), P(score < 0))``.
 
-With ``match_k_to="bayes"`` the conventional top-k also runs at k equal to the
-size of the Bayesian median-probability circuit on the full data, so the two
-pipelines are compared at the same circuit size.
+**The headline** (``bayes=True``): is the Bayesian median-probability circuit
+at least as stable under input resampling as top-k on mean scores at the same
+size? It is computed like-for-like:
+
+- *the same resamples*: the first ``bayes_bootstrap`` (default 20) of the ``B``
+  input-count vectors drive both sides, so every Jaccard pair compares the
+  two pipelines on identical data;
+- *a real posterior per resample*: each resample is fitted with the same
+  ``fit`` settings as the full data (``inference="auto"``: NUTS for graphs up
+  to 5,000 edges; the same seed), and its circuit is the edges whose posterior
+  mean ``inclusion`` (Rao-Blackwellised, no Monte-Carlo sampling of
+  indicators) exceeds 0.5, pruned to input->logits paths;
+- *sizes matched after pruning* (the headline, ``variant="matched"``): on each
+  resample, top-k uses the smallest k whose *pruned* top-k circuit has at least
+  as many edges as that resample's pruned Bayesian circuit (pruning shrinks
+  top-k: 7 selected edges may leave 2 on a path). So both sides have the same
+  size on every resample and differ only in which edges they choose. The
+  variant ``"fixed"`` chooses k once, by the same rule on the full data, and
+  keeps it for every resample: top-k then does not follow the Bayesian
+  circuit's size changes, which favours it whenever that size varies;
+- *the paired difference*: over the ``C(B, 2)`` resample pairs, the mean of
+  ``J_bayes(a, b) - J_topk(a, b)``, with its delete-one-resample jackknife
+  standard error (the mean pairwise Jaccard is a U-statistic over resamples;
+  the jackknife measures its Monte-Carlo error at this B, not the variation
+  across datasets). A gap within about two SEs of zero is noise.
+
+The conventional table also keeps top-k at the unpruned ``k`` = the full-data
+Bayesian size (``match_k_to="bayes"``), as earlier versions reported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +66,15 @@ from ._io import atomic_dir
 from .circuits import EdgeIndex, _pairwise, jaccard_matrix, top_k_mask
 from .errors import BayescircError
 
-__all__ = ["StabilityResult", "stability", "bootstrap_counts", "selection_stability", "exact_variability"]
+__all__ = ["StabilityResult", "stability", "bootstrap_counts", "selection_stability", "exact_variability",
+           "posterior_circuit", "matched_top_k", "paired_jaccard"]
 
 CONVENTIONAL, BAYESIAN = "conventional", "bayesian"
 MAX_RANK_PAIRS = 200  # rank correlations use the first 200 consecutive pairs (Kendall costs O(E log E) each)
+HEADLINE_BOOTSTRAP = 20  # default resamples (Bayesian fits) of the headline comparison
+HEADLINE_COLUMNS = ["method", "variant", "k", "k_mean", "k_min", "k_max", "bayes_size_mean", "topk_size_mean",
+                    "bayes_jaccard_mean", "topk_jaccard_mean", "difference", "difference_se", "n_bootstrap",
+                    "bayes_at_least_as_stable"]
 BOOTSTRAP_COLUMNS = ["pipeline", "method", "selection", "k", "threshold", "circuit_size", "boot_size_mean",
                      "jaccard_mean", "jaccard_p05", "spearman_mean", "kendall_mean", "n_bootstrap"]
 
@@ -128,6 +159,84 @@ def exact_variability(values: np.ndarray, edges: Sequence[str]) -> pd.DataFrame:
                          "cv": cv, "sign_consistency": np.maximum(pos, neg)})
 
 
+def posterior_circuit(fit_result, index: EdgeIndex) -> tuple[np.ndarray, np.ndarray]:
+    """The median-probability circuit of a fit over ``index.edges``: ``(pruned mask, mean inclusion)``.
+
+    Rao-Blackwellised: the posterior mean of ``inclusion`` per edge (no Bernoulli
+    sampling, so no Monte-Carlo noise), > 0.5, then pruned to input->logits
+    paths. Edges the fit does not know get inclusion 0.
+    """
+    inclusion = np.asarray(fit_result.draws("inclusion"), dtype=np.float64).mean(axis=0)
+    mean = pd.Series(inclusion, index=[str(e) for e in fit_result.edge_names]).reindex(list(index.edges))
+    mean = mean.fillna(0.0).to_numpy()
+    return index.prune(mean > 0.5), mean
+
+
+def _top_order(means: np.ndarray) -> np.ndarray:
+    """Edge indices by decreasing ``|mean|`` (stable: ties keep edge order), unscored edges last."""
+    magnitude = np.nan_to_num(np.abs(means), nan=-np.inf)
+    return np.argsort(-magnitude, kind="stable")
+
+
+def matched_top_k(means: np.ndarray, sizes: np.ndarray, index: EdgeIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``means`` ``[B, E]``: the smallest k whose pruned top-k circuit has >= ``sizes[b]`` edges.
+
+    Top-k sets are nested in k (one stable order by ``|mean|``), so the pruned
+    size only grows with k and a bisection finds k. When even all scored edges
+    prune to fewer than ``sizes[b]``, k is the number of scored edges. A target
+    of 0 gives k = 0 and the empty circuit. Returns ``(pruned masks [B, E], ks [B])``.
+    """
+    means = np.atleast_2d(means)
+    sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (len(means),))
+    masks = np.zeros(means.shape, dtype=bool)
+    ks = np.zeros(len(means), dtype=np.int64)
+    for b, (row, target) in enumerate(zip(means, sizes)):
+        order = _top_order(row)
+
+        def circuit(k, order=order):
+            mask = np.zeros(len(order), dtype=bool)
+            mask[order[:k]] = True
+            return index.prune(mask)
+
+        lo, hi = 0, int(np.isfinite(row).sum())
+        if target <= 0:
+            hi = 0
+        elif circuit(hi).sum() >= target:
+            while lo < hi:  # invariant: circuit(hi) is large enough, circuit(lo) is not (or lo == 0)
+                mid = (lo + hi) // 2
+                if circuit(mid).sum() >= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        ks[b], masks[b] = hi, circuit(hi)
+    return masks, ks
+
+
+def paired_jaccard(bayes: np.ndarray, topk: np.ndarray) -> dict:
+    """Mean pairwise Jaccard of two ``[B, E]`` circuit sets on the same resamples, and their paired difference.
+
+    ``difference`` = mean over pairs ``a < b`` of ``J_bayes(a, b) - J_topk(a, b)``;
+    ``difference_se`` is its delete-one-resample jackknife standard error
+    ``sqrt((B-1)/B * sum_l (d_(-l) - mean d_(-l))^2)``, where ``d_(-l)`` is the
+    mean difference over the pairs without resample ``l`` (NaN for B < 3).
+    """
+    bayes, topk = np.asarray(bayes, dtype=bool), np.asarray(topk, dtype=bool)
+    if bayes.shape != topk.shape or len(bayes) < 2:
+        raise ValueError(f"need two [B, E] circuit sets of the same shape with B >= 2, got {bayes.shape}, {topk.shape}")
+    n = len(bayes)
+    jb, jt = jaccard_matrix(bayes), jaccard_matrix(topk)
+    diff = jb - jt
+    np.fill_diagonal(diff, 0.0)
+    pairs = n * (n - 1) / 2
+    total = diff.sum() / 2
+    se = float("nan")
+    if n >= 3:
+        leave_out = (total - diff.sum(axis=1)) / ((n - 1) * (n - 2) / 2)
+        se = float(np.sqrt((n - 1) / n * ((leave_out - leave_out.mean()) ** 2).sum()))
+    return {"bayes_jaccard_mean": float(_pairwise(jb).mean()), "topk_jaccard_mean": float(_pairwise(jt).mean()),
+            "difference": float(total / pairs), "difference_se": se}
+
+
 # --- the result ---------------------------------------------------------------------------------------------
 
 
@@ -146,6 +255,16 @@ class StabilityResult:
     edges : DataFrame
         Per-edge variability of exact effects (empty without exact scores).
     settings : dict
+    comparison : DataFrame
+        The headline (``HEADLINE_COLUMNS``), one row per method and variant
+        (``matched``: k matched per resample after pruning, the headline;
+        ``fixed``: k chosen on the full data). Empty without the Bayesian side.
+    resamples : DataFrame
+        Per headline resample ``resample`` and edge: the Bayesian posterior mean
+        ``inclusion``, ``in_bayes`` (in the pruned median-probability circuit) and,
+        per method ``m``, ``in_topk:m`` (in the size-matched pruned top-k circuit)
+        and ``mean:m`` (the edge's mean score on that resample). Resample ``-1``
+        is the full data. For finding which edges flip.
     """
 
     bootstrap: pd.DataFrame
@@ -153,6 +272,8 @@ class StabilityResult:
     k_jaccard: pd.DataFrame
     edges: pd.DataFrame
     settings: dict = field(default_factory=dict)
+    comparison: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=HEADLINE_COLUMNS))
+    resamples: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def summary(self) -> dict:
         exact = self.edges
@@ -169,21 +290,16 @@ class StabilityResult:
         }
 
     def headline(self) -> dict | None:
-        """Per method: mean bootstrap Jaccard of top-k at k = the Bayesian circuit's size vs the Bayesian circuit.
+        """Per method: the like-for-like comparison of the module docstring, both variants.
 
-        ``None`` without the Bayesian side (or when its circuit is empty).
+        ``{method: {"matched": {...}, "fixed": {...}}}`` with the ``HEADLINE_COLUMNS``
+        fields; ``"matched"`` is the headline. ``None`` without the Bayesian side.
         """
-        k = self.settings.get("matched_k")
-        b = self.bootstrap
-        bayes = b[b["pipeline"] == BAYESIAN]
-        if k is None or bayes.empty:
+        if self.comparison.empty:
             return None
-        j_bayes = float(bayes["jaccard_mean"].iloc[0])
-        out = {}
-        for r in b[(b["pipeline"] == CONVENTIONAL) & (b["selection"] == "top-k") & (b["k"] == k)].itertuples():
-            out[r.method] = {"k": int(k), "conventional_jaccard_mean": float(r.jaccard_mean),
-                             "bayesian_jaccard_mean": j_bayes,
-                             "bayes_at_least_as_stable": bool(j_bayes >= r.jaccard_mean)}
+        out: dict = {}
+        for record in json.loads(self.comparison.to_json(orient="records")):
+            out.setdefault(record.pop("method"), {})[record.pop("variant")] = record
         return out
 
     def to_text(self) -> str:
@@ -206,12 +322,17 @@ class StabilityResult:
                           matrix.to_string(float_format=lambda v: f"{v:.2f}")]
                 if len(lines) > 45:
                     break
-        head = self.headline()
-        if head:
-            lines += ["", f"Same size (k = {self.settings['matched_k']}): mean bootstrap Jaccard, top-k vs Bayesian "
-                          "median-probability circuit: " + "; ".join(
-                              f"{m} {h['conventional_jaccard_mean']:.3f} vs {h['bayesian_jaccard_mean']:.3f}"
-                              for m, h in head.items())]
+        if not self.comparison.empty:
+            c = self.comparison
+            lines += ["", f"Headline: Bayesian median-probability circuit vs top-k at the same size, on the same "
+                          f"{int(c['n_bootstrap'].iloc[0])} resamples (mean pairwise Jaccard; difference = Bayes - top-k "
+                          "± jackknife SE)",
+                      f"{'method':<26}{'k':<14}{'size B/top-k':>14}{'J Bayes':>9}{'J top-k':>9}{'difference':>18}"]
+            for r in c.itertuples():
+                kk = (f"matched {r.k_min}-{r.k_max}" if r.variant == "matched" else f"fixed {r.k}")
+                lines.append(f"{str(r.method)[:25]:<26}{kk:<14}{f'{r.bayes_size_mean:.1f}/{r.topk_size_mean:.1f}':>14}"
+                             f"{r.bayes_jaccard_mean:>9.3f}{r.topk_jaccard_mean:>9.3f}"
+                             f"{f'{r.difference:+.3f} ± {r.difference_se:.3f}':>18}")
         s = self.summary().get("exact_variability")
         if s:
             lines += ["", f"Exact effects across inputs: median CV {s['median_cv'] if s['median_cv'] is None else round(s['median_cv'], 2)}, "
@@ -221,7 +342,8 @@ class StabilityResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``stability.json``, ``bootstrap.parquet``, ``methods_jaccard.parquet``,
-        ``k_jaccard.parquet``, ``edges.parquet`` and ``summary.txt`` into ``directory`` atomically."""
+        ``k_jaccard.parquet``, ``edges.parquet``, ``summary.txt`` and, with the Bayesian
+        side, ``headline.parquet`` and ``resamples.parquet`` into ``directory`` atomically."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             (tmp / "stability.json").write_text(json.dumps(self.summary(), indent=2, default=_json_default))
@@ -229,6 +351,9 @@ class StabilityResult:
             self.methods_jaccard.to_parquet(tmp / "methods_jaccard.parquet", index=False)
             self.k_jaccard.to_parquet(tmp / "k_jaccard.parquet", index=False)
             self.edges.to_parquet(tmp / "edges.parquet", index=False)
+            if not self.comparison.empty:
+                self.comparison.to_parquet(tmp / "headline.parquet", index=False)
+                self.resamples.to_parquet(tmp / "resamples.parquet", index=False)
             (tmp / "summary.txt").write_text(self.to_text() + "\n")
         return directory
 
@@ -295,13 +420,6 @@ def _default_fitter(frame: pd.DataFrame, **options):
     return fit(frame, **options)
 
 
-def _median_circuit(fit_result, seed: int) -> tuple[frozenset, pd.Series]:
-    from .circuits import sample_circuits
-
-    samples = sample_circuits(fit_result, rule="slab", seed=seed)
-    return samples.median_circuit(), samples.frequency
-
-
 def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = None,
               threshold: float | Iterable[float] | None = None, methods: Iterable[str] | None = None,
               bayes: bool = False, bayes_bootstrap: int | None = None, match_k_to: str | None = "bayes",
@@ -314,7 +432,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     scores : str, Path or DataFrame
         A scores.parquet (file or directory of parts) or a table with its four columns.
     bootstrap : int, default 100
-        Number ``B`` of bootstrap resamples of the inputs (>= 2).
+        Number ``B`` of bootstrap resamples of the inputs (>= 2) for the conventional pipeline.
     k : int or list of int, optional
         Circuit sizes for top-k. Default: 1%, 5% and 10% of the edges.
     threshold : float or list of float, optional
@@ -322,18 +440,23 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     methods : list of str, optional
         Method labels to analyse (default all in the file).
     bayes : bool, default False
-        Also run the Bayesian pipeline: fit each resample with
-        ``bayescirc.fitting.fit(resample, inference="svi", ...)`` and take the
+        Also run the Bayesian pipeline and the headline comparison (module
+        docstring): fit the full data and each of the first ``bayes_bootstrap``
+        resamples with the same ``fit`` settings and take the Rao-Blackwellised
         median-probability circuit. Costs one fit per resample.
     bayes_bootstrap : int, optional
-        Resamples for the Bayesian side (the first ones of the ``B``); default ``B``.
+        Resamples for the Bayesian side and the headline (the first ones of the
+        ``B``, shared with top-k). Default 20 (at most ``B``): enough pairs
+        (190) for a jackknife SE of the paired difference; each is a full fit.
     match_k_to : {"bayes", None}, default "bayes"
-        With ``bayes``, add k = size of the full-data Bayesian median-probability circuit to the top-k sizes.
+        With ``bayes``, also add the unpruned k = size of the full-data Bayesian circuit to the top-k sizes.
     fit_options : dict, optional
-        Extra keyword arguments for ``fit`` (e.g. ``{"draws": 300}``); ``inference`` defaults to ``"svi"``.
+        Keyword arguments for ``fit``, the same for every fit (e.g. ``{"draws": 300}``);
+        ``inference`` defaults to ``"auto"`` (NUTS up to 5,000 edges), ``seed`` to ``seed``.
     fitter : callable, optional
         ``fitter(frame, **options) -> FitResult``; default ``bayescirc.fitting.fit``.
     seed : int, default 0
+        Seeds the resamples and every fit.
     progress : bool, default True
 
     Returns
@@ -344,6 +467,8 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
 
     if bootstrap < 2:
         raise BayescircError(f"bootstrap={bootstrap}: need at least 2 resamples to compare circuits.")
+    if match_k_to not in (None, "bayes"):
+        raise BayescircError(f"match_k_to={match_k_to!r}: use 'bayes' or None.")
     frame = _load(scores)
     labels = sorted(str(m) for m in frame[schema.METHOD].unique())
     if methods is not None:
@@ -358,33 +483,49 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     counts = bootstrap_counts(len(inputs), bootstrap, seed)
     ks = _ks(k, len(edges))
     thresholds = [] if threshold is None else [float(t) for t in ([threshold] if np.isscalar(threshold) else threshold)]
+    nb = min(HEADLINE_BOOTSTRAP if bayes_bootstrap is None else bayes_bootstrap, bootstrap) if bayes else None
+    if bayes and nb < 2:
+        raise BayescircError(f"bayes_bootstrap={nb}: need at least 2 resamples.")
 
     rows, full_circuits, matched_k = [], {}, None
-    # --- Bayesian pipeline first: its circuit size sets the matched k.
+    # --- Bayesian pipeline first: its circuit sizes set the matched k.
     if bayes:
         fitter = fitter or _default_fitter
-        options = {"inference": "svi", "progress": False, "seed": seed, **(fit_options or {})}
-        nb = min(bayes_bootstrap or bootstrap, bootstrap)
-        if nb < 2:
-            raise BayescircError(f"bayes_bootstrap={nb}: need at least 2 resamples.")
+        options = {"inference": "auto", "progress": False, "seed": seed, **(fit_options or {})}
         used = frame[frame[schema.METHOD].isin(labels)]
-        full_circuit, _ = _median_circuit(fitter(used, **options), seed)
+        fit_warnings: list[warnings.WarningMessage] = []
+
+        def run_fit(data):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = fitter(data, **options)
+            fit_warnings.extend(caught)
+            return result
+
+        full_bayes, full_inclusion = posterior_circuit(run_fit(used), index)
         boot = np.zeros((nb, len(edges)), dtype=bool)
         ranking = np.zeros((nb, len(edges)))
         for b in tqdm(range(nb), desc="bayes bootstrap", unit="fit", disable=not progress):
-            circuit, freq = _median_circuit(fitter(_resample(used, inputs, counts[b]), **options), seed)
-            boot[b] = np.isin(edges, list(circuit))
-            ranking[b] = freq.reindex(edges).to_numpy()
+            boot[b], ranking[b] = posterior_circuit(run_fit(_resample(used, inputs, counts[b])), index)
+        if fit_warnings:  # one summary instead of the same diagnostics once per fit
+            messages = pd.Series([str(w.message) for w in fit_warnings]).value_counts()
+            warn_summary = {str(m): int(n) for m, n in messages.items()}
+            warnings.warn(f"{len(fit_warnings)} warnings from the {nb + 1} Bayesian fits (full data + resamples), "
+                          "most frequent first: " + " | ".join(f"{n}x {m}" for m, n in list(warn_summary.items())[:3]),
+                          fit_warnings[0].category, stacklevel=2)
         spearman, kendall = _rank_correlations(ranking)
         rows.append({"pipeline": BAYESIAN, "method": "+".join(labels), "selection": "median-probability",
-                     "k": np.nan, "threshold": np.nan, "circuit_size": len(full_circuit),
+                     "k": np.nan, "threshold": np.nan, "circuit_size": int(full_bayes.sum()),
                      **selection_stability(boot), "spearman_mean": spearman, "kendall_mean": kendall,
                      "n_bootstrap": nb})
-        if match_k_to == "bayes" and len(full_circuit) > 0:
-            ks = sorted(set(ks) | {len(full_circuit)})
-            matched_k = len(full_circuit)
-    elif match_k_to not in (None, "bayes"):
-        raise BayescircError(f"match_k_to={match_k_to!r}: use 'bayes' or None.")
+        if match_k_to == "bayes" and full_bayes.any():
+            matched_k = int(full_bayes.sum())
+            ks = sorted(set(ks) | {matched_k})
+        resample_ids = np.repeat(np.arange(-1, nb), len(edges))
+        resample_table = {"resample": resample_ids, schema.EDGE: np.tile(edges, nb + 1),
+                          "inclusion": np.concatenate([full_inclusion, ranking.ravel()]),
+                          "in_bayes": np.concatenate([full_bayes, boot.ravel()])}
+        comparison = []
 
     # --- conventional pipeline, per method
     exact_tables = []
@@ -400,11 +541,30 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         for name, param in selections:
             circuit = index.prune(select(full, **param))[0]
             full_circuits[(label, name, param.get("k"), param.get("threshold"))] = circuit
-            boot = index.prune(select(means, **param))
+            pruned = index.prune(select(means, **param))
             rows.append({"pipeline": CONVENTIONAL, "method": label, "selection": name,
                          "k": param.get("k", np.nan), "threshold": param.get("threshold", np.nan),
-                         "circuit_size": int(circuit.sum()), **selection_stability(boot),
+                         "circuit_size": int(circuit.sum()), **selection_stability(pruned),
                          "spearman_mean": spearman, "kendall_mean": kendall, "n_bootstrap": bootstrap})
+        if bayes:
+            head_means = means[:nb]
+            matched, k_matched = matched_top_k(head_means, boot.sum(axis=1), index)
+            _, (k_fixed,) = matched_top_k(full[None, :], [int(full_bayes.sum())], index)
+            order = np.argsort(-np.nan_to_num(np.abs(head_means), nan=-np.inf), axis=1, kind="stable")[:, :k_fixed]
+            fixed = np.zeros_like(boot)
+            np.put_along_axis(fixed, order, True, axis=1)
+            fixed = index.prune(fixed & np.isfinite(head_means))
+            for variant, topk, kk in (("matched", matched, k_matched), ("fixed", fixed, np.full(nb, k_fixed))):
+                stats = paired_jaccard(boot, topk)
+                comparison.append({"method": label, "variant": variant,
+                                   "k": int(k_fixed) if variant == "fixed" else pd.NA,
+                                   "k_mean": float(kk.mean()), "k_min": int(kk.min()), "k_max": int(kk.max()),
+                                   "bayes_size_mean": float(boot.sum(1).mean()),
+                                   "topk_size_mean": float(topk.sum(1).mean()), **stats, "n_bootstrap": nb,
+                                   "bayes_at_least_as_stable": bool(stats["difference"] >= 0)})
+            full_matched, _ = matched_top_k(full[None, :], [int(full_bayes.sum())], index)
+            resample_table[f"in_topk:{label}"] = np.concatenate([full_matched[0], matched.ravel()])
+            resample_table[f"mean:{label}"] = np.concatenate([full, head_means.ravel()])
         if schema.is_exact(label):
             table = exact_variability(values, edges)
             table.insert(1, schema.METHOD, label)
@@ -427,8 +587,13 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     edges_table = (pd.concat(exact_tables, ignore_index=True) if exact_tables else
                    pd.DataFrame(columns=[schema.EDGE, schema.METHOD, "n_inputs", "mean", "sd", "cv", "sign_consistency"]))
     settings = {"bootstrap": bootstrap, "k": ks, "threshold": thresholds, "methods": labels, "bayes": bayes,
-                "bayes_bootstrap": (min(bayes_bootstrap or bootstrap, bootstrap) if bayes else None),
-                "match_k_to": match_k_to, "matched_k": matched_k, "seed": seed, "n_inputs": int(len(inputs)), "n_edges": len(edges),
-                "fit_options": fit_options or {}}
-    return StabilityResult(bootstrap=bootstrap_table, methods_jaccard=pd.DataFrame(methods_rows),
-                           k_jaccard=pd.DataFrame(k_rows), edges=edges_table, settings=settings)
+                "bayes_bootstrap": nb, "match_k_to": match_k_to, "matched_k": matched_k, "seed": seed,
+                "n_inputs": int(len(inputs)), "n_edges": len(edges),
+                "fit_options": ({k_: v for k_, v in options.items() if k_ != "progress"} if bayes else fit_options or {}),
+                "fit_warnings": (warn_summary if bayes and fit_warnings else {})}
+    result = StabilityResult(bootstrap=bootstrap_table, methods_jaccard=pd.DataFrame(methods_rows),
+                             k_jaccard=pd.DataFrame(k_rows), edges=edges_table, settings=settings)
+    if bayes:
+        result.comparison = pd.DataFrame(comparison, columns=HEADLINE_COLUMNS).astype({"k": "Int64"})
+        result.resamples = pd.DataFrame(resample_table)
+    return result

@@ -76,6 +76,41 @@ def test_stability_prints_the_table_and_writes_files(tmp_path):
     assert json.loads((tmp_path / "st" / "stability.json").read_text())["settings"]["bootstrap"] == 20
 
 
+def test_stability_bayes_passes_the_same_fit_settings_to_every_fit(tmp_path, monkeypatch):
+    """--bayes: the headline table is printed and written; --fit-* reach every fit unchanged."""
+    from bayescirc import stability_metrics
+
+    calls = []
+
+    def fake_fit(frame, **options):
+        calls.append(options)
+        means = frame.groupby("edge", observed=True)["score"].mean().reindex([A, B, C]).to_numpy()
+        return _Inclusion([A, B, C], np.where(means > 0.8, 0.9, 0.1))
+
+    monkeypatch.setattr(stability_metrics, "_default_fitter", fake_fit)
+    rng = np.random.default_rng(1)
+    rows = [{"input_id": i, "edge": e, "method": m, "score": float(mu + rng.normal(0, 0.3))}
+            for i in range(20) for e, mu in zip((A, B, C), (1.0, 0.9, 0.5)) for m in ("exact", "eap")]
+    write_scores(pd.DataFrame(rows), tmp_path / "s.parquet")
+    result = run("stability", tmp_path / "s.parquet", "-B", "8", "--bayes", "--bayes-bootstrap", "5",
+                 "--fit-chains", "1", "--fit-draws", "300", "--out", tmp_path / "st")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 + 5
+    assert all(c == {"inference": "auto", "progress": False, "seed": 0, "chains": 1, "draws": 300} for c in calls)
+    assert "Headline" in result.output and "matched" in result.output and "fixed" in result.output
+    head = pd.read_parquet(tmp_path / "st" / "headline.parquet")
+    assert set(head.variant) == {"matched", "fixed"} and (head.n_bootstrap == 5).all()
+    assert set(pd.read_parquet(tmp_path / "st" / "resamples.parquet")["resample"]) == set(range(-1, 5))
+
+
+class _Inclusion:
+    def __init__(self, edges, mean):
+        self.edge_names, self._mean = list(edges), np.asarray(mean, dtype=float)
+
+    def draws(self, var):
+        return self._mean[None, :]
+
+
 def test_evaluate_reports_faithfulness(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))

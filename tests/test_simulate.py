@@ -52,6 +52,17 @@ def test_planted_circuit_survives_pruning_and_decoys_are_zero_mean():
     assert (sim.truth.effect[~sim.truth.in_circuit] == 0).all()
 
 
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("shape", [(2, 4), (3, 2)])
+def test_every_planted_edge_is_on_a_complete_input_to_logits_path(shape, seed):
+    """A path cut off when the target size is reached would be pruned away: the circuit is closed instead."""
+    _, truth = truth_table(SimulationConfig(n_layers=shape[0], n_heads=shape[1], n_inputs=2, seed=seed))
+    circuit = set(truth.edge[truth.in_circuit])
+    target = round(0.1 * len(truth))
+    assert prune_to_paths(circuit) == circuit
+    assert target <= len(circuit) <= target + 1
+
+
 @pytest.mark.parametrize("heavy_tails", [None, 4.0])
 def test_moments_match_the_generative_model(tmp_path, heavy_tails):
     """Per-edge mean and sd of exact scores, and each method's calibration line, recover the truth."""

@@ -1,6 +1,7 @@
 """Stability metrics checked on small cases computed by hand, and against a naive set-based reference."""
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,9 @@ from bayescirc.graph import prune_to_paths
 from bayescirc.stability_metrics import (
     bootstrap_counts,
     exact_variability,
+    matched_top_k,
+    paired_jaccard,
+    posterior_circuit,
     select,
     selection_stability,
     stability,
@@ -156,9 +160,10 @@ def test_bayesian_side_resamples_fits_and_matches_k():
     calls = []
     result = stability(scores_table({"exact": EXACT}), bootstrap=12, k=[3], bayes=True, fitter=threshold_fitter(calls),
                        fit_options={"draws": 50}, seed=2, progress=False)
-    assert len(calls) == 1 + 12 and calls[0]["inference"] == "svi" and calls[0]["draws"] == 50
+    # full data + 12 resamples (default 20, capped at B), all with the same settings: auto (NUTS), one seed
+    assert len(calls) == 1 + 12 and all(c == {"inference": "auto", "progress": False, "seed": 2, "draws": 50} for c in calls)
     bayes = result.bootstrap[result.bootstrap.pipeline == "bayesian"].iloc[0]
-    # full data: means (1.05, 1, 1.5) -> {C}; matched conventional k = 1 is added to k = 3
+    # full data: means (1.05, 1, 1.5) -> {C}; the unpruned k = 1 is added to k = 3
     assert bayes.circuit_size == 1 and result.settings["k"] == [1, 3]
     counts = bootstrap_counts(2, 12, seed=2)
     sets = [prune_to_paths([e for e, m in zip(EDGES, EXACT.T @ c / 2) if abs(m) > 1.2]) for c in counts]
@@ -166,20 +171,151 @@ def test_bayesian_side_resamples_fits_and_matches_k():
     assert bayes.jaccard_mean == pytest.approx(np.mean(pairs))
     top1 = result.bootstrap[(result.bootstrap.pipeline == "conventional") & (result.bootstrap.k == 1)].iloc[0]
     assert top1.circuit_size == 1
-    head = result.headline()["exact"]
-    assert head["k"] == 1 and head["bayesian_jaccard_mean"] == bayes.jaccard_mean
-    assert head["conventional_jaccard_mean"] == top1.jaccard_mean
-    assert "Same size (k = 1)" in result.to_text()
+    head = result.headline()["exact"]["matched"]
+    assert head["bayes_jaccard_mean"] == pytest.approx(bayes.jaccard_mean) and head["n_bootstrap"] == 12
+    assert "Headline" in result.to_text()
+
+
+# --- the headline, like-for-like -------------------------------------------------------------------------
+
+
+class FixedInclusion:
+    """A stand-in fit whose posterior mean inclusion is given (two draws averaging to ``mean``)."""
+
+    def __init__(self, edges, mean):
+        self.edge_names = list(edges)
+        self._draws = np.stack([np.clip(np.asarray(mean) - 0.05, 0, 1), np.clip(np.asarray(mean) + 0.05, 0, 1)])
+
+    def draws(self, var):
+        assert var == "inclusion"
+        return self._draws
+
+
+# Two paths to logits: input->m0->logits (A, B) and input->logits (C); D = m0->m1 dangles unless m1->logits.
+D, E_ = "m0->m1", "m1->logits"
+FIVE = [A, B, C, D, E_]
+
+
+def test_posterior_circuit_thresholds_the_mean_inclusion_then_prunes():
+    index = EdgeIndex.from_edges(FIVE)
+    # means: A 0.9, B 0.6, C 0.4, D 0.7, E 0.3 -> {A, B, D} selected; D dangles (m1 reaches no logits) -> {A, B}
+    fake = FixedInclusion(FIVE[::-1], [0.3, 0.7, 0.4, 0.6, 0.9])  # edge order of the fit differs from the index
+    mask, mean = posterior_circuit(fake, index)
+    assert mean == pytest.approx([0.9, 0.6, 0.4, 0.7, 0.3])
+    assert [e for e, m in zip(FIVE, mask) if m] == [A, B]
+
+
+def test_matched_top_k_is_the_smallest_k_whose_pruned_circuit_is_large_enough():
+    index = EdgeIndex.from_edges(FIVE)
+    # |means| order: D, A, C, B, E. Pruned sizes by k: 1 {D} -> 0; 2 {D, A} -> 0; 3 +C -> 1 ({C});
+    # 4 +B -> 3 ({A, B, C}: D = m0->m1 still dangles); 5 +E -> 5 (m1 now reaches logits).
+    means = np.array([[2.0, 0.5, 1.0, 3.0, 0.1]] * 4)
+    masks, ks = matched_top_k(means, np.array([0, 1, 2, 5]), index)
+    assert ks.tolist() == [0, 3, 4, 5]
+    assert [sorted(e for e, m in zip(FIVE, row) if m) for row in masks] == [[], [C], sorted([A, B, C]), sorted(FIVE)]
+    # the naive reference: scan k upwards and prune with graph.prune_to_paths
+    for target, k in zip([0, 1, 2, 5], ks):
+        order = sorted(range(5), key=lambda j: -abs(means[0, j]))
+        sizes = [len(prune_to_paths([FIVE[j] for j in order[:kk]])) for kk in range(6)]
+        assert k == next(kk for kk in range(6) if sizes[kk] >= target)
+    # B unscored (NaN, never taken): the most any top-k reaches is 4 ({A, C, D, E}); asking 5 takes all scored edges
+    masks, ks = matched_top_k(np.array([[2.0, np.nan, 1.0, 3.0, 0.1]]), [5], index)
+    assert ks.tolist() == [4] and masks[0].tolist() == [True, False, True, True, True]
+
+
+def test_paired_difference_and_jackknife_se_by_hand():
+    bayes = np.array([[1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=bool)
+    topk = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=bool)
+    out = paired_jaccard(bayes, topk)
+    # Bayes pairs (0,1)=1, (0,2)=1/2, (1,2)=1/2; top-k pairs all 0 -> differences 1, 1/2, 1/2
+    assert out["bayes_jaccard_mean"] == pytest.approx(2 / 3) and out["topk_jaccard_mean"] == 0
+    assert out["difference"] == pytest.approx(2 / 3)
+    # leave one out: without 0 -> 1/2, without 1 -> 1/2, without 2 -> 1; mean 2/3
+    loo = np.array([0.5, 0.5, 1.0])
+    assert out["difference_se"] == pytest.approx(np.sqrt(2 / 3 * ((loo - loo.mean()) ** 2).sum()))
+    assert np.isnan(paired_jaccard(bayes[:2], topk[:2])["difference_se"])
+
+
+def inclusion_fitter(calls):
+    """Inclusion 0.9 for edges whose mean exact score on the (resampled) data exceeds 1.2, else 0.1."""
+    def fitter(frame, **options):
+        calls.append(frame)
+        means = frame[frame.method == "exact"].groupby("edge")["score"].mean().reindex(EDGES).to_numpy()
+        return FixedInclusion(EDGES, np.where(np.abs(means) > 1.2, 0.9, 0.1))
+    return fitter
+
+
+def test_headline_shares_resamples_and_matches_size_after_pruning():
+    calls = []
+    table = scores_table({"exact": EXACT, "eap": EXACT * np.array([1.0, 1.0, 0.5])})
+    result = stability(table, bootstrap=30, bayes=True, bayes_bootstrap=6, fitter=inclusion_fitter(calls),
+                       seed=4, progress=False)
+    counts = bootstrap_counts(2, 30, seed=4)[:6]  # the headline uses the first 6 of the 30 resamples
+    # every Bayesian fit saw exactly that resample's inputs, with multiplicity
+    for frame, c in zip(calls[1:], counts):
+        assert len(frame) == 3 * 2 * c.sum()  # 3 edges x 2 methods x resampled inputs
+        assert frame[frame.method == "exact"].groupby("edge")["score"].mean().reindex(EDGES).to_numpy() == \
+            pytest.approx(EXACT.T @ c / c.sum())
+    # circuits as masks over the sorted edge names (the order stability uses)
+    bayes = np.array([[e in prune_to_paths([x for x, m in zip(EDGES, EXACT.T @ c / 2) if abs(m) > 1.2])
+                       for e in sorted(EDGES)] for c in counts])
+    for method, values in (("exact", EXACT), ("eap", EXACT * np.array([1.0, 1.0, 0.5]))):
+        means = (values.T @ counts.T / 2).T  # [6, 3] in EDGES order
+        topk = []
+        for row, size in zip(means, bayes.sum(1)):  # naive: smallest k whose pruned top-k is big enough
+            order = sorted(range(3), key=lambda j: -abs(row[j]))
+            topk.append(next(c for c in (prune_to_paths([EDGES[j] for j in order[:kk]]) for kk in range(4))
+                             if len(c) >= size))
+        topk = np.array([[e in c for e in sorted(EDGES)] for c in topk])
+        assert (topk.sum(1) >= bayes.sum(1)).all()
+        expected = paired_jaccard(bayes, topk)
+        got = result.headline()[method]["matched"]
+        for key in ("bayes_jaccard_mean", "topk_jaccard_mean", "difference", "difference_se"):
+            assert got[key] == pytest.approx(expected[key], nan_ok=True), (method, key)
+        assert got["n_bootstrap"] == 6 and got["bayes_at_least_as_stable"] == (expected["difference"] >= 0)
+    res = result.resamples
+    assert sorted(res["resample"].unique()) == list(range(-1, 6))
+    assert res[res["resample"] >= 0].in_bayes.to_numpy().reshape(6, 3).tolist() == bayes.tolist()
+
+
+def test_fixed_variant_keeps_the_full_data_k():
+    calls = []
+    result = stability(scores_table({"exact": EXACT}), bootstrap=8, bayes=True, bayes_bootstrap=8,
+                       fitter=inclusion_fitter(calls), seed=1, progress=False)
+    fixed = result.headline()["exact"]["fixed"]
+    # full data: means (1.05, 1, 1.5): Bayes {C} (size 1); top-1 = {C} -> k = 1 on every resample
+    assert fixed["k"] == 1 and fixed["k_min"] == fixed["k_max"] == 1
+    counts = bootstrap_counts(2, 8, seed=1)
+    top1 = np.array([[e == EDGES[int(np.argmax(np.abs(EXACT.T @ c)))] and e == C for e in sorted(EDGES)]
+                     for c in counts])
+    assert fixed["topk_jaccard_mean"] == pytest.approx(paired_jaccard(top1, top1)["bayes_jaccard_mean"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bayescirc.fitting") is None,
                     reason="bayescirc.fitting (the fit) is not on this branch yet; it lands on main separately")
+@pytest.mark.slow  # four NUTS fits, mostly JAX compilation (~3 min on a busy 2-core machine)
 def test_bayesian_side_with_the_real_fit_on_simulated_data():
     from bayescirc.simulation import simulate
 
     sim = simulate(n_layers=1, n_heads=2, n_inputs=40, n_exact=10, seed=3)
-    result = stability(sim.scores, bootstrap=3, bayes=True, progress=False, fit_options={"draws": 100})
+    with warnings.catch_warnings(record=True) as caught:  # short chains may warn about R-hat: once, summarised
+        warnings.simplefilter("always")
+        result = stability(sim.scores, bootstrap=3, bayes=True, progress=False, fit_options={"draws": 100})
+    assert len(caught) <= 1
+    assert result.settings["fit_options"]["inference"] == "auto"
+    assert result.settings["bayes_bootstrap"] == 3 and set(result.headline()) == {"eap", "eap-ig-inputs", "exact"}
     bayes = result.bootstrap[result.bootstrap.pipeline == "bayesian"].iloc[0]
     assert 0 <= bayes.jaccard_mean <= 1
     if bayes.circuit_size > 0:
         assert int(bayes.circuit_size) in result.settings["k"]
+
+
+def test_fit_warnings_are_summarised_once_and_recorded():
+    def warning_fitter(frame, **options):
+        warnings.warn("max r_hat = 1.2 > 1.01", RuntimeWarning, stacklevel=2)
+        return inclusion_fitter([])(frame, **options)
+
+    with pytest.warns(RuntimeWarning, match=r"5 warnings from the 5 Bayesian fits.*5x max r_hat") as record:
+        result = stability(scores_table({"exact": EXACT}), bootstrap=4, bayes=True, fitter=warning_fitter,
+                           progress=False)
+    assert len(record) == 1 and result.settings["fit_warnings"] == {"max r_hat = 1.2 > 1.01": 5}

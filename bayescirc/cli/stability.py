@@ -19,17 +19,24 @@ import click
 @click.option("--methods", default=None, metavar="M1,M2,...",
               help="Comma-separated method labels to analyse, e.g. 'eap,eap-ig-inputs:steps=5'. [default: all in the file]")
 @click.option("--bayes/--no-bayes", default=False, show_default=True,
-              help="Also fit the hierarchical model (SVI) on each resample and compare its median-probability "
-                   "circuit; top-k then also runs at k = that circuit's size. One fit per resample: slow.")
+              help="Also fit the hierarchical model on the full data and on each of the first --bayes-bootstrap "
+                   "resamples (same fit settings, NUTS up to 5,000 edges) and compare its median-probability circuit "
+                   "with top-k at the same size after pruning, on the same resamples (the headline: paired "
+                   "difference of mean Jaccard with a jackknife SE). One fit per resample: slow.")
 @click.option("--bayes-bootstrap", type=int, default=None,
-              help="Resamples for the Bayesian side (the first ones of --bootstrap). [default: --bootstrap]")
-@click.option("--fit-draws", type=int, default=None, help="Posterior draws per Bayesian fit. [default: the fit's]")
+              help="Resamples for the Bayesian side and the headline (the first ones of --bootstrap, shared with "
+                   "top-k). [default: 20, at most --bootstrap]")
+@click.option("--fit-draws", type=int, default=None, help="Posterior draws per chain of every Bayesian fit. [default: the fit's, 1000]")
+@click.option("--fit-chains", type=int, default=None, help="NUTS chains of every Bayesian fit. [default: the fit's, 2]")
+@click.option("--fit-inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
+              help="Inference of every Bayesian fit: auto = NUTS up to 5,000 edges, SVI above.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
                    "edges.parquet and summary.txt. [default: print only]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
-def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, seed, out, as_json):
+def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
+            seed, out, as_json):
     """Stability of circuits selected from SCORES, conventional and Bayesian side by side.
 
     Conventional: mean score per edge and method, top-k (or threshold), pruned.
@@ -42,14 +49,19 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
     \b
     Example:
       bayescirc stability scores.parquet --bootstrap 200 --k 50 --k 200 --out stability/
-      bayescirc stability scores.parquet -B 20 --bayes --out stability/
+      bayescirc stability scores.parquet -B 100 --bayes --bayes-bootstrap 20 --out stability/
     """
     from ..stability_metrics import stability
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    fit_options = {"inference": fit_inference}
+    if fit_draws:
+        fit_options["draws"] = fit_draws
+    if fit_chains:
+        fit_options["chains"] = fit_chains
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
-                       fit_options={"draws": fit_draws} if fit_draws else None, seed=seed, progress=True)
+                       fit_options=fit_options, seed=seed, progress=True)
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2, default=str))
     else:
