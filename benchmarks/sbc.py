@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=40)
     parser.add_argument("--exact-inputs", type=int, default=10)
     parser.add_argument("--thin", type=int, default=3, help="keep every THIN-th draw: SBC needs near-independent draws")
+    parser.add_argument("--start", type=int, default=0, help="first replication (seeds 1000+rep): continue an earlier run")
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     args = parser.parse_args()
 
@@ -100,7 +101,9 @@ def main() -> None:
     scale = 1.0
     ranks: dict[str, list[int]] = {}
     started = time.time()
-    for rep in range(args.reps):
+    import jax
+
+    for rep in range(args.start, args.reps):
         scores, truth, edges = prior_draw(1000 + rep, args.inputs, args.exact_inputs, scale)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -112,6 +115,7 @@ def main() -> None:
             below = np.sum(draws < value)
             ties = np.sum(draws == value)
             ranks.setdefault(name, []).append(int(below + np.random.default_rng(rep).integers(0, ties + 1)))
+        jax.clear_caches()  # every fit leaves compiled programs mapped; ~50 fits in one process exhaust vm.max_map_count
         print(f"rep {rep + 1}: {time.time() - started:.0f} s; ranks {({k: v[-1] for k, v in ranks.items()})}", flush=True)
         if args.minutes and time.time() - started > 60 * args.minutes:
             break
