@@ -237,7 +237,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     spike_sd : float, default 0
         SD of the spike (0: edges outside the circuit have exactly zero mean).
     svi_steps : int, optional
-        SVI optimisation steps [default 3000].
+        SVI optimisation steps [default 3000], run in compiled chunks of 100 (rounded up to a multiple of 100).
     prior_scale : float, optional
         Typical score size the priors are relative to [default: RMS of the exact
         (else first approximate) scores]; fixed for simulation-based calibration.
