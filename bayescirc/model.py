@@ -413,7 +413,9 @@ def _group_prior(n: int):
 
     Plain N(0, 1) effects are additive with ``tau_loc``: shifting ``tau_loc``
     and every ``sd * z`` against each other leaves the likelihood unchanged, a
-    curved ridge that made NUTS take hundreds of leapfrog steps per draw.
+    curved ridge only the prior resolves (on the 110-edge test graph NUTS took
+    ~42 leapfrog steps per draw with zero-sum effects; the gain over plain
+    effects was not measured cleanly).
     """
     if n < 2:
         return dist.Normal(0.0, 1.0).expand([n]).to_event(1)
