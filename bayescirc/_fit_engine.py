@@ -75,7 +75,7 @@ class Problem:
         small.map_values, state = map_estimate(small, steps=300, lr=0.03, progress=progress)
         for _ in range(2):
             small.grid = refine(small)
-        small.map_values, _ = map_estimate(small, steps=100, lr=0.03, progress=progress, state=state)  # same lr
+        small.map_values, _ = map_estimate(small, steps=100, progress=progress, state=state)
         base.map_values = small.map_values
         for _ in range(2):
             base.grid = refine(base)
@@ -105,18 +105,23 @@ def _globals(sample: dict, M: int, spike_sd: float) -> Globals:
                    slab_sd=sample["slab_sd"], spike_sd=spike_sd, pi=sample["pi"])
 
 
-def _tau_prior(problem: Problem, sample: dict):
+def _tau_prior(sample: dict, type_idx, layer_idx):
+    """Prior of each edge's ``log tau`` under one draw of the globals: (means (E,), spread)."""
     tm = bm.tau_means(sample["tau_loc"], sample["type_sd"] * sample["type_z"], sample["layer_sd"] * sample["layer_z"],
-                      jnp.asarray(problem.type_idx), jnp.asarray(problem.layer_idx))
+                      type_idx, layer_idx)
     return tm, sample["tau_spread"]
 
 
-def map_estimate(problem: Problem, steps: int, lr: float, progress: bool = False, state=None):
+def map_estimate(problem: Problem, steps: int, lr: float | None = None, progress: bool = False, state=None):
     """Posterior mode of the globals (Adam on a point-mass guide), from ``problem.map_values`` or ``state``.
 
-    Returns ``(values, state)``: pass ``state`` back to continue after the grids
-    change (the optimiser is compiled once per data shape and reused).
+    ``lr`` sets up a fresh optimiser; ``state`` (returned by an earlier call)
+    continues that one, learning rate and moments included, after the grids
+    change (it is compiled once per data shape and reused). Give one of them.
+    Returns ``(values, state)``.
     """
+    if (lr is None) == (state is None):
+        raise ValueError("map_estimate: give lr for a fresh optimiser or state to continue one, not both")
     args = problem.args
     if state is None:
         model = problem.model
@@ -154,21 +159,18 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False):
 
 def refine(problem: Problem) -> bm.TauGrid:
     sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
-    sample.setdefault("type_z", jnp.zeros(problem.n_types))
-    sample.setdefault("layer_z", jnp.zeros(problem.n_layers))
     g = _globals(sample, problem.data.n_methods, problem.spike_sd)
-    tm, ts = _tau_prior(problem, sample)
     E = problem.data.n_edges
     step = max(1, int(2e6 // problem.grid.log_tau.shape[1]))
-    parts = [_refine_jit(problem.data.take(sl), problem.grid.take(sl), g, tm[sl], ts)
+    parts = [_refine_jit(problem.data.take(sl), problem.grid.take(sl), g)
              for sl in (slice(s, s + step) for s in range(0, E, step))]
     return bm.TauGrid(log_tau=np.concatenate([np.asarray(p.log_tau) for p in parts]),
                       step=np.concatenate([np.asarray(p.step) for p in parts]), unit=parts[0].unit)
 
 
 @jax.jit
-def _refine_jit(data, grid, g, tm, ts):
-    return bm.refine_grid(data, grid, g, tm, ts)
+def _refine_jit(data, grid, g):
+    return bm.refine_grid(data, grid, g)
 
 
 def _conditional_mu(problem: Problem):
@@ -295,15 +297,10 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     E = problem.data.n_edges
     M = problem.data.n_methods
     G = problem.grid.log_tau.shape[1]
-    data = problem.data
-    if problem.student_t is not None:
-        data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
 
     def one(key, sample, data, grid, type_idx, layer_idx, table):
         g = _globals(sample, M, problem.spike_sd)
-        tm = bm.tau_means(sample["tau_loc"], sample["type_sd"] * sample["type_z"],
-                          sample["layer_sd"] * sample["layer_z"], type_idx, layer_idx)
-        ts = sample["tau_spread"]
+        tm, ts = _tau_prior(sample, type_idx, layer_idx)
         if table is None:
             out = bm.edge_conditionals(key, data, grid, g, tm, ts, threshold=threshold)
             out["df"] = jnp.asarray(jnp.inf)
@@ -321,7 +318,8 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
         per_draw += problem.student_t.log_lik.size * 8 * 3
     chunk = int(max(1, min(C * D, 4e8 // per_draw)))
     batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
-    args = (data, problem.grid, np.asarray(problem.type_idx), np.asarray(problem.layer_idx), problem.student_t)
+    data, grid, type_idx, layer_idx, _, table = problem.args
+    args = (data, grid, type_idx, layer_idx, table)
 
     def fn(k, smp):
         return batched(k, smp, *args)

@@ -371,26 +371,28 @@ def grid_log_weights(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_sp
     ``(log_w, log_spike, log_slab)``, each (E, G); ``log_w`` already includes
     the mixture over spike and slab and the inclusion rate ``pi``.
     """
-    var = jnp.exp(2 * grid.log_tau)
-    log_spike, log_slab = edge_log_marginal(data, var, g)
-    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
+    log_mix, log_spike, log_slab = _log_mix(data, grid, g)
     log_prior = dist.Normal(tau_mean[:, None], tau_spread).log_prob(grid.log_tau) + jnp.log(grid.step)[:, None]
     return log_prior + log_mix, log_spike, log_slab
 
 
-def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, tau_mean=None, tau_spread=None, points: int = 11,
-                width: float = 5.0, min_sd: float = 1e-3) -> TauGrid:
+def _log_mix(data: EdgeData, grid: TauGrid, g: Globals):
+    """Per grid point: log of the spike/slab mixture likelihood, and its two parts, each (E, G)."""
+    log_spike, log_slab = edge_log_marginal(data, jnp.exp(2 * grid.log_tau), g)
+    return jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab), log_spike, log_slab
+
+
+def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, points: int = 11, width: float = 5.0,
+                min_sd: float = 1e-3) -> TauGrid:
     """A per-edge grid describing the edge's likelihood in ``log tau`` at the given parameters.
 
     Centred on the likelihood's mean, spanning ``width`` of its SDs either
     side with ``points`` points (spacing one SD); :func:`placed_grid` then
     moves it onto prior x likelihood. Apply twice from :func:`coarse_grid`.
-    The tau prior arguments are accepted for symmetry and not used: the
-    description must not depend on the prior it is later combined with.
+    The tau prior plays no part: the description must not depend on the prior
+    it is later combined with.
     """
-    var = jnp.exp(2 * grid.log_tau)
-    log_spike, log_slab = edge_log_marginal(data, var, g)
-    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
+    log_mix = _log_mix(data, grid, g)[0]
     w = jax.nn.softmax(log_mix + jnp.log(grid.step)[:, None], axis=-1)
     m = jnp.sum(w * grid.log_tau, -1)
     sd = jnp.sqrt(jnp.sum(w * (grid.log_tau - m[:, None]) ** 2, -1))
