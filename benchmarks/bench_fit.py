@@ -7,6 +7,7 @@ approximate methods on all), times ``pyarrow.parquet.read_table`` on it, then
 
     python benchmarks/bench_fit.py                                  # small sizes, minutes
     python benchmarks/bench_fit.py --sizes 12x12 --inputs 1000 --exact-inputs 100 --no-nuts   # GPT-2 small
+    BENCH_SAVE=/tmp/fit python benchmarks/bench_fit.py ...   # also time writing the fit directory
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 CHILD = r"""
 import json, os, resource, sys, time, warnings
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-mode, path, draws, chains = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+mode, path, draws, chains = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None, int(sys.argv[4])
 t = time.perf_counter()
 info = {}
 if mode == "read":
@@ -35,7 +36,11 @@ else:
         res = fit(path, inference=mode, chains=chains, draws=draws, progress=False)
     d = res.summary["diagnostics"]
     info.update(max_r_hat=d["max_r_hat"], min_ess_bulk=d["min_ess_bulk"], divergences=d["divergences"],
-                svi_final_loss=d["svi_final_loss"])
+                svi_final_loss=d["svi_final_loss"], timings=res.summary["settings"]["timings"])
+    if os.environ.get("BENCH_SAVE"):
+        t_save = time.perf_counter()
+        res.save(os.environ["BENCH_SAVE"])
+        info["timings"]["save"] = round(time.perf_counter() - t_save, 3)
 info["seconds"] = time.perf_counter() - t
 info["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps(info))
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1x2,2x4,3x6,4x8", help="comma-separated LAYERSxHEADS graphs")
     parser.add_argument("--inputs", type=int, default=200)
     parser.add_argument("--exact-inputs", type=int, default=40)
-    parser.add_argument("--draws", type=int, default=300)
+    parser.add_argument("--draws", type=int, default=0, help="draws per chain [default: fit's default]")
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--nuts-max-edges", type=int, default=600)
     parser.add_argument("--no-nuts", action="store_true")
@@ -84,6 +89,7 @@ def main() -> None:
                    "ratio": round(res.get("seconds", float("nan")) / read["seconds"], 1),
                    "peak_gib": round(res.get("peak_rss_gib", float("nan")), 2),
                    "max_r_hat": res.get("max_r_hat"), "divergences": res.get("divergences"), "error": res.get("error")}
+            row["timings"] = res.get("timings")
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| graph | edges | inputs | inference | fit (s) | pyarrow read (s) | fit/read | peak RSS (GiB) | max r_hat |")
@@ -92,6 +98,11 @@ def main() -> None:
         rh = "n/a" if r["max_r_hat"] is None else f"{r['max_r_hat']:.3f}"
         print(f"| {r['graph']} | {r['edges']} | {r['inputs']} | {r['inference']} | {r['fit_s']} | {r['read_s']} | "
               f"{r['ratio']} | {r['peak_gib']} | {rh} |")
+    print("\nSeconds per phase (statistics: read + sufficient statistics + exact matrix; start: MAP and grids;"
+          " save: only with BENCH_SAVE=DIR):")
+    for r in rows:
+        if r.get("timings"):
+            print(f"{r['graph']} {r['inference']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
 
 
 if __name__ == "__main__":

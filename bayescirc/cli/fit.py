@@ -48,7 +48,9 @@ def _fmt(value, spec):
               help="nuts: the reference posterior (MCMC over the model's global parameters); svi: a fast Gaussian "
                    "approximation for large graphs; auto: NUTS up to 5,000 edges, SVI above.")
 @click.option("--chains", default=2, show_default=True, help="NUTS chains (r_hat needs 2 or more).")
-@click.option("--draws", default=1000, show_default=True, help="Posterior draws per chain (SVI: chains x draws samples).")
+@click.option("--draws", type=int, default=None,
+              help="Posterior draws per chain (SVI: chains x draws samples). [default: 1000; SVI above 5,000 edges: "
+                   "500 in all]")
 @click.option("--warmup", type=int, default=None, help="NUTS warm-up iterations per chain. [default: --draws]")
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same fit.")
 @click.option("--hdi-prob", default=0.9, show_default=True,
