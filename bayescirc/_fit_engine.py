@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 from jax.scipy.special import logsumexp
-from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, init_to_value
+from numpyro.handlers import replay, seed
+from numpyro.infer import ELBO, MCMC, NUTS, SVI, init_to_value
+from numpyro.infer.util import log_density
 from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal
 
 from . import model as bm
@@ -112,6 +114,30 @@ def _tau_prior(sample: dict, type_idx, layer_idx):
     return tm, sample["tau_spread"]
 
 
+class _FixedOrderELBO(ELBO):
+    """The evidence lower bound, written so that its compiled program is the same in every process.
+
+    NumPyro's Trace_ELBO forms its per-site terms over a ``set`` of site names,
+    whose order (and so the emitted program) changes with Python's hash seed, so
+    compiled SVI/MAP programs never came from the persistent cache. Here the
+    model and guide log densities are summed in trace order (the order the
+    model samples its sites); the value is the same ELBO.
+    """
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        def particle(key):
+            guide_key, model_key = jax.random.split(key)
+            guide_lp, guide_trace = log_density(seed(guide, guide_key), args, kwargs, param_map)
+            model_lp, _ = log_density(replay(seed(model, model_key), guide_trace), args, kwargs, param_map)
+            return model_lp - guide_lp
+
+        if self.num_particles == 1:
+            elbo = particle(rng_key)
+        else:
+            elbo = jnp.mean(jax.vmap(particle)(jax.random.split(rng_key, self.num_particles)))
+        return {"loss": -elbo, "mutable_state": None}
+
+
 def map_estimate(problem: Problem, steps: int, lr: float | None = None, progress: bool = False, state=None):
     """Posterior mode of the globals (Adam on a point-mass guide), from ``problem.map_values`` or ``state``.
 
@@ -126,7 +152,7 @@ def map_estimate(problem: Problem, steps: int, lr: float | None = None, progress
     if state is None:
         model = problem.model
         guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
-        svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+        svi = SVI(model, guide, numpyro.optim.Adam(lr), _FixedOrderELBO())
         svi_state = svi.init(jax.random.PRNGKey(1), *args)
     else:
         svi, guide, svi_state = state
@@ -254,7 +280,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     n_latent = sum(int(np.size(v)) for v in problem.map_values.values())
     guide_cls = AutoMultivariateNormal if n_latent <= 200 else AutoLowRankMultivariateNormal
     guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values), init_scale=0.01)
-    svi = SVI(model, guide, numpyro.optim.Adam(0.005), Trace_ELBO(num_particles=2))
+    svi = SVI(model, guide, numpyro.optim.Adam(0.005), _FixedOrderELBO(num_particles=2))
     state = svi.init(key, *args)
     state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True)
     params = svi.get_params(state)

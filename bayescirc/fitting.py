@@ -225,7 +225,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         NUTS settings; SVI draws ``chains * draws`` samples from its guide, stored
         as one chain. Above 5,000 edges SVI's default is 500 draws in all: the
         per-edge draws and ``posterior.nc`` grow as draws x edges (at GPT-2 scale
-        500 draws are ~1 minute and ~130 MB), and 500 independent draws give
+        500 draws take ~35 s and ~250 MB), and 500 independent draws give
         90% intervals whose ends move by ~0.1 posterior SD between fits.
     seed : int, default 0
     hdi_prob : float, default 0.9
