@@ -189,6 +189,10 @@ def use_compilation_cache() -> str | None:
     except OSError:
         return None  # a read-only home: compile every time, as JAX does by default
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    # JAX keeps only programs that took >= 1 s to compile; a fit also compiles
+    # ~500 small ones (NumPyro runs the model op by op while it initialises),
+    # ~11 s together at GPT-2 scale, which a warm cache then skips too
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return str(directory)
 
 
