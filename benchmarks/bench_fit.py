@@ -34,6 +34,7 @@ else:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fit(path, inference=mode, chains=chains, draws=draws, progress=False)
+    info["seconds"] = time.perf_counter() - t  # import and fit; writing the fit directory is timed apart
     d = res.summary["diagnostics"]
     info.update(max_r_hat=d["max_r_hat"], min_ess_bulk=d["min_ess_bulk"], divergences=d["divergences"],
                 svi_final_loss=d["svi_final_loss"], timings=res.summary["settings"]["timings"])
@@ -41,7 +42,7 @@ else:
         t_save = time.perf_counter()
         res.save(os.environ["BENCH_SAVE"])
         info["timings"]["save"] = round(time.perf_counter() - t_save, 3)
-info["seconds"] = time.perf_counter() - t
+info.setdefault("seconds", time.perf_counter() - t)
 info["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps(info))
 """
