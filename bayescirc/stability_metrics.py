@@ -165,6 +165,11 @@ def posterior_circuit(fit_result, index: EdgeIndex) -> tuple[np.ndarray, np.ndar
     Rao-Blackwellised: the posterior mean of ``inclusion`` per edge (no Bernoulli
     sampling, so no Monte-Carlo noise), > 0.5, then pruned to input->logits
     paths. Edges the fit does not know get inclusion 0.
+    :meth:`bayescirc.circuits.CircuitSamples.median_circuit` thresholds the
+    frequency of each edge among *pruned* sampled circuits instead; the two
+    agree except for edges near 0.5 or whose path partners are often absent.
+    The headline uses this one because its Monte-Carlo noise would otherwise
+    count as instability.
     """
     inclusion = np.asarray(fit_result.draws("inclusion"), dtype=np.float64).mean(axis=0)
     mean = pd.Series(inclusion, index=[str(e) for e in fit_result.edge_names]).reindex(list(index.edges))
