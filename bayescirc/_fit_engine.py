@@ -311,7 +311,8 @@ def _t_conditionals(key, data, grid, g, tau_mean, tau_spread, table, threshold=N
     logits = jnp.asarray(table.log_lik)[d][rows, :, gi] + gauss[rows, gi, :] + slab_prior  # (E, J)
     j = jax.random.categorical(k_mu, logits, axis=-1)
     jitter = (jax.random.uniform(k_jit, (E,)) - 0.5) * jnp.asarray(table.mu_step)
-    mu = jnp.where(slab, mu_grid[rows, j] + jitter, 0.0)
+    mu_slab = mu_grid[rows, j] + jitter  # given the slab, at the tau drawn from the marginal grid posterior
+    mu = jnp.where(slab, mu_slab, 0.0)
     if threshold is not None:
         post = jax.nn.softmax(logits, -1)
         inclusion = p_here * jnp.sum(post * (jnp.abs(mu_grid) > threshold), -1)
@@ -329,7 +330,8 @@ def _t_conditionals(key, data, grid, g, tau_mean, tau_spread, table, threshold=N
     else:
         delta = jnp.zeros((E, 0))
     tau = jnp.exp(log_tau + (jax.random.uniform(k_jit, (E,)) - 0.5) * jnp.asarray(grid.step))
-    return {"mu": mu, "delta": delta, "tau": tau, "inclusion": inclusion, "df": jnp.asarray(bm.STUDENT_T_DF)[d]}
+    return {"mu": mu, "delta": delta, "tau": tau, "inclusion": inclusion, "df": jnp.asarray(bm.STUDENT_T_DF)[d],
+            "mu_slab": mu_slab}
 
 
 def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: float | None,
@@ -373,6 +375,7 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     keys = jax.random.split(jax.random.PRNGKey(seed + 7919), C * D)
     keep_delta = M and C * D * E * M <= keep_delta_max
     mu = np.zeros((C * D, E), np.float32)
+    mu_slab = np.zeros((C * D, E), np.float32)
     tau = np.zeros((C * D, E), np.float32)
     inc = np.zeros((C * D, E), np.float32)
     df = np.zeros(C * D)
@@ -385,6 +388,7 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
         pad = np.r_[np.arange(sl.start, sl.stop), np.full(chunk - n_here, sl.start)]  # one shape: one compilation
         out = {k: v[:n_here] for k, v in fn(keys[pad], {k: v[pad] for k, v in flat.items()}).items()}
         mu[sl] = np.asarray(out["mu"])
+        mu_slab[sl] = np.asarray(out["mu_slab"])
         tau[sl] = np.asarray(out["tau"])
         inc[sl] = np.asarray(out["inclusion"])
         df[sl] = np.asarray(out["df"])
@@ -400,7 +404,7 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     bar.close()
     n = C * D
     shape = (C, D)
-    res = {"mu": mu.reshape(*shape, E), "tau": tau.reshape(*shape, E), "inclusion": inc.reshape(*shape, E),
+    res = {"mu": mu.reshape(*shape, E), "mu_slab": mu_slab.reshape(*shape, E), "tau": tau.reshape(*shape, E), "inclusion": inc.reshape(*shape, E),
            "delta": None if delta is None else delta.reshape(*shape, E, M), "df": df.reshape(shape),
            **{k: v / n for k, v in acc.items()}}
     return res

@@ -127,6 +127,7 @@ def edges_frame(stats, table, approx, has_exact, per_edge, samples, hdi_prob, la
         "effect_hdi_low": low.astype(float),
         "effect_hdi_high": high.astype(float),
         "intrinsic_sd": per_edge["tau"].reshape(mu.shape).mean(0).astype(float),
+        **_slab_columns(per_edge["mu_slab"].reshape(mu.shape), hdi_prob),
         "layer": layers_label,
         "edge_type": table["edge_type"].astype(str).to_numpy(),
         "n_inputs": stats.n.sum(1).astype(np.int64),
@@ -141,6 +142,22 @@ def edges_frame(stats, table, approx, has_exact, per_edge, samples, hdi_prob, la
         rows = per[per.method == label].set_index("edge")["mean"]
         frame[f"naive_mean:{m}"] = rows.reindex(frame["edge"]).to_numpy(float)
     return frame
+
+
+def _slab_columns(mu_slab: np.ndarray, hdi_prob: float) -> dict:
+    """How large the edge's mean effect is if the edge is in the circuit: ``slab_effect_mean``, ``slab_hdi_*``.
+
+    The contract's ``effect_*`` columns summarise the posterior of mu, which puts
+    mass ``1 - inclusion_prob`` exactly at 0 (the point-mass spike): an edge
+    with low inclusion gets the interval [0, 0]. No edge of a real model has a
+    mean of exactly 0, so these columns answer the other question, "and if it
+    matters, how much?", for every edge.
+    """
+    from .fitting import hdi
+
+    low, high = hdi(mu_slab, hdi_prob)
+    return {"slab_effect_mean": mu_slab.mean(0).astype(float), "slab_hdi_low": low.astype(float),
+            "slab_hdi_high": high.astype(float)}
 
 
 def _observed(stats, method) -> np.ndarray:

@@ -553,12 +553,13 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
 
     Draws ``log tau`` from its grid posterior (jittered within its cell), the
     indicator and ``(mu, delta)`` from their exact Gaussian conditionals.
-    Returns a dict with ``mu`` (E,), ``tau`` (E,), ``delta`` (E, M) and
+    Returns a dict with ``mu`` (E,), ``tau`` (E,), ``delta`` (E, M),
     ``inclusion`` (E,): P(slab | data, globals) with tau integrated
     (Rao-Blackwellised), or, when ``threshold`` is given, P(|mu| > threshold
-    | data, globals).
+    | data, globals), and ``mu_slab`` (E,): a draw of mu given that the edge
+    is in the slab (tau drawn from its slab-conditional posterior).
     """
-    k_tau, k_jit, k_ind, k_u = jax.random.split(key, 4)
+    k_tau, k_jit, k_ind, k_u, k_slab = jax.random.split(key, 5)
     grid = placed_grid(grid, tau_mean, tau_spread)
     log_w, log_spike, log_slab = grid_log_weights(data, grid, g, tau_mean, tau_spread)
     E, G = log_w.shape
@@ -588,7 +589,13 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
         inclusion = jnp.sum(post * cond_slab, -1)
     else:
         inclusion = _prob_exceeds(ch0, L0, b, threshold) * (1 - p_slab_here) + _prob_exceeds(ch1, L1, b, threshold) * p_slab_here
-    return {"mu": u[:, 0], "delta": u[:, 1:], "tau": jnp.exp(log_tau), "inclusion": inclusion}
+    # mu given that the edge is in the slab: tau from its slab-conditional grid posterior, then mu
+    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
+    gs = jax.random.categorical(k_slab, log_w - log_mix + log_slab, axis=-1)
+    As, bs, cs = quadratic_form(data, jnp.exp(2 * grid_lt[rows, gs])[:, None], g)
+    _, chs, Ls = gaussian_evidence(As[:, 0], bs[:, 0], cs[:, 0], slab_v)
+    mu_slab = _posterior_draw(chs, Ls, bs[:, 0], z)[:, 0]
+    return {"mu": u[:, 0], "delta": u[:, 1:], "tau": jnp.exp(log_tau), "inclusion": inclusion, "mu_slab": mu_slab}
 
 
 def _posterior_draw(chol, L, b, z):

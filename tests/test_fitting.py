@@ -99,6 +99,18 @@ def test_edges_table_has_the_contract_columns(tiny_fit, tiny):
     assert meta["hdi_prob"] == 0.9 and meta["inclusion_rule"] == "slab"
 
 
+def test_slab_columns_say_how_large_an_effect_would_be_if_the_edge_mattered(tiny_fit):
+    e = tiny_fit[0].edges
+    assert (e["slab_hdi_low"] <= e["slab_effect_mean"]).all() and (e["slab_effect_mean"] <= e["slab_hdi_high"]).all()
+    sure = e[e["inclusion_prob"] > 0.99]
+    assert len(sure)  # in the circuit: the slab posterior is the posterior
+    assert ((sure["slab_effect_mean"] - sure["effect_mean"]).abs() < 0.5 * sure["effect_sd"]).all()
+    unlikely = e[e["inclusion_prob"] < 0.1]
+    assert len(unlikely)  # out of it: mu's interval is [0, 0], the slab's is not
+    assert (unlikely["effect_hdi_low"] == 0).all() and (unlikely["effect_hdi_high"] == 0).all()
+    assert (unlikely["slab_hdi_high"] > unlikely["slab_hdi_low"]).all()
+
+
 def test_posterior_loads_with_arviz_and_has_the_contract_variables(tiny_fit):
     import arviz as az
 
@@ -291,9 +303,17 @@ def test_confident_edges_are_truly_in_the_circuit_and_decoys_are_not(truth_fit):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known, open in issue 5: 90% HDIs of circuit edges cover the truth for only "
-                   "6/9-6/11 planted edges (0.55-0.67) while all edges reach 0.96; chance or overconfidence is "
-                   "not yet settled (SBC has not been run at scale)")
+@pytest.mark.slow
+def test_slab_hdis_cover_the_true_effects_at_their_nominal_rate(truth_fit):
+    _, _, e = truth_fit
+    covered = (e["slab_hdi_low"] <= e["effect"] + 1e-9) & (e["effect"] - 1e-9 <= e["slab_hdi_high"])
+    assert 0.85 <= covered.mean() <= 0.95  # measured 0.909 (NUTS 2 x 400)
+    assert covered[e["in_circuit"]].mean() >= 0.7  # measured 9 of 12
+
+
+@pytest.mark.xfail(strict=False, reason="known, open in issue 5: the marginal 90% HDIs of mu cover 7 of 12 planted "
+                   "edges (0.58): three small planted effects sit in the spike with HDI [0, 0] (the slab_hdi columns "
+                   "cover them) and three slab edges get offset intervals; all edges 0.955")
 def test_hdis_cover_the_true_effects(truth_fit):
     _, _, e = truth_fit
     covered = (e["effect_hdi_low"] <= e["effect"] + 1e-9) & (e["effect"] - 1e-9 <= e["effect_hdi_high"])
