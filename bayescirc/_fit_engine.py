@@ -13,8 +13,8 @@ import numpyro
 from jax.scipy.special import logsumexp
 from numpyro.handlers import replay, seed
 from numpyro.infer import ELBO, MCMC, NUTS, SVI, init_to_value
-from numpyro.infer.util import log_density
 from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal
+from numpyro.infer.util import log_density
 
 from . import model as bm
 from .model import Globals

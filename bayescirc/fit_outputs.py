@@ -6,8 +6,6 @@ through :mod:`bayescirc.posterior`).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 from scipy import stats as sps

@@ -298,13 +298,13 @@ def _add_approx_only(A, b, c, v, idx, n, S, C, g: Globals):
     for j in range(q):
         row = 1 + idx[j]
         A[row][0] = A[row][0] + nn * w[j] / denom
-        for l in range(j + 1):
-            col = 1 + idx[l]
-            A[row][col] = A[row][col] + nn * ((1.0 / d[j] if l == j else 0.0) - gamma * w[j] * w[l])
+        for k in range(j + 1):
+            col = 1 + idx[k]
+            A[row][col] = A[row][col] + nn * ((1.0 / d[j] if k == j else 0.0) - gamma * w[j] * w[k])
         b[row] = b[row] + r[j][:, None] / d[j] - gamma * w[j] * wr
-    Q = [[C[:, j, l] - S[:, j] * a[l] - a[j] * S[:, l] + n * a[j] * a[l] for l in range(q)] for j in range(q)]
+    Q = [[C[:, j, k] - S[:, j] * a[k] - a[j] * S[:, k] + n * a[j] * a[k] for k in range(q)] for j in range(q)]
     tr_dq = sum(Q[j][j] / d[j] for j in range(q))[:, None]
-    wqw = sum(w[j] * w[l] * Q[j][l] for j in range(q) for l in range(q))[:, None]
+    wqw = sum(w[j] * w[k] * Q[j][k] for j in range(q) for k in range(q))[:, None]
     logdet = sum(jnp.log(d[j]) for j in range(q)) + jnp.log1p(v * kappa)
     return c - 0.5 * nn * (q * LOG_2PI + logdet) - 0.5 * (tr_dq - gamma * wqw)
 
