@@ -247,15 +247,19 @@ def _edges_section(fit: FitResult, top: int) -> str:
     hdi = fit.summary.get("hdi_prob") or fit.metadata.get("hdi_prob") or 0.9
     units = plots.run_info(fit)["units"]
     approx = [c.split(":", 1)[1] for c in table.columns if c.startswith("error_bias:")]
-    header = ["edge", "inclusion prob.", f"mean effect μ ({units})", "sd", f"{hdi:.0%} HDI", "intrinsic sd τ"]
-    header += [f"error bias {m}" for m in approx] + [f"error sd {m}" for m in approx]
+    slab = "slab_hdi_low" in table  # fits written before the slab columns existed lack them
+    header = ["edge", "inclusion prob.", f"mean effect μ ({units})", "sd", f"{hdi:.0%} HDI"]
+    header += [f"{hdi:.0%} HDI if in the circuit"] if slab else []
+    header += ["intrinsic sd τ"] + [f"error bias {m}" for m in approx] + [f"error sd {m}" for m in approx]
     rows = []
     for edge, r in sub.iterrows():
         row = [edge, r["inclusion_prob"], r["effect_mean"], r["effect_sd"],
-               f"[{_fmt(r['effect_hdi_low'])}, {_fmt(r['effect_hdi_high'])}]", r.get("intrinsic_sd")]
+               f"[{_fmt(r['effect_hdi_low'])}, {_fmt(r['effect_hdi_high'])}]"]
+        row += [f"[{_fmt(r['slab_hdi_low'])}, {_fmt(r['slab_hdi_high'])}]"] if slab else []
+        row += [r.get("intrinsic_sd")]
         row += [r.get(f"error_bias:{m}") for m in approx] + [r.get(f"error_sd:{m}") for m in approx]
         rows.append(row)
-    numeric = set(range(1, len(header))) - {4}
+    numeric = set(range(1, len(header))) - {4, 5} if slab else set(range(1, len(header))) - {4}
     return (f"<h2 id='edges'>Top {len(names)} edges</h2>"
             f"<p class='muted'>By inclusion probability, of {len(table):,} edges.</p>"
             + _table(header, rows, numeric=numeric)

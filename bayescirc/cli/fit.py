@@ -14,13 +14,15 @@ def _print_summary(res, top: int) -> None:
                f"{', '.join(([s['exact_method']] if s['exact_method'] else []) + s['methods'])}; "
                f"{s['inference'].upper()}, {s['likelihood']} likelihood, inclusion rule: {s['inclusion_rule']}")
     hp = s["hdi_prob"]
-    click.echo(f"\nTop {len(edges)} edges by inclusion probability (effect: posterior mean [{hp:.0%} HDI], metric units):")
+    click.echo(f"\nTop {len(edges)} edges by inclusion probability (effect: posterior mean [{hp:.0%} HDI]; "
+               f"if in the circuit: [{hp:.0%} HDI given the slab]; metric units):")
     width = max(8, int(edges["edge"].str.len().max() if len(edges) else 8))
-    click.echo(f"  {'edge':<{width}}  incl.   effect   [{'low':>8}, {'high':>8}]  intrinsic sd")
+    click.echo(f"  {'edge':<{width}}  incl.   effect   [{'low':>8}, {'high':>8}]  if in the circuit     intrinsic sd")
     for row in edges.itertuples():
-        lo, hi, mean = (round(v, 4) + 0.0 for v in (row.effect_hdi_low, row.effect_hdi_high, row.effect_mean))
+        lo, hi, mean, slo, shi = (round(v, 4) + 0.0 for v in (row.effect_hdi_low, row.effect_hdi_high, row.effect_mean,
+                                                               row.slab_hdi_low, row.slab_hdi_high))
         click.echo(f"  {row.edge:<{width}}  {row.inclusion_prob:5.3f}  {mean:+8.4f} [{lo:+8.4f}, "
-                   f"{hi:+8.4f}]  {row.intrinsic_sd:8.4f}")
+                   f"{hi:+8.4f}]  [{slo:+8.4f}, {shi:+8.4f}]  {row.intrinsic_sd:8.4f}")
     click.echo("\nVariance of one per-input score around the edge's true mean effect (share):")
     click.echo(f"  {'method':<20} intrinsic  approximation  aggregation")
     for m, sh in s["decomposition"]["per_method"].items():
