@@ -180,7 +180,8 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
     With ``stop_at_plateau``, stop early once at least :data:`SVI_MIN_STEPS`
     have run and the loss no longer falls (:func:`still_falling` over
     :data:`SVI_WINDOW` steps): more steps of a constant-rate optimiser then
-    only jitter the guide (at GPT-2 scale each 100 steps cost ~10 s).
+    only jitter the guide. (Measured at GPT-2 scale: stopped at 1,000 steps,
+    the same answer as 3,000 to 3 decimals; 100 steps there cost ~0.35 s.)
     """
     from tqdm.auto import tqdm
 
