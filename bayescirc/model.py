@@ -245,7 +245,7 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
 
     Every entry is written out in closed form, so the whole likelihood is a
     few elementwise passes over (edges x grid points): arrays with trailing
-    K x K dimensions and scatter updates made the same algebra ~10x slower on
+    K x K dimensions and scatter updates made the same algebra 3-4x slower on
     CPU, and it runs in every gradient of the fit. Entries may be scalars or
     (E, 1) where they do not vary with tau; they broadcast against ``var``.
     """
