@@ -254,11 +254,14 @@ def test_student_t_needs_exact_scores():
 def test_cli_fit_end_to_end(tmp_path):
     write_simulation(tmp_path / "sim.parquet", n_layers=1, n_heads=2, n_inputs=40, seed=8)
     result = CliRunner().invoke(cli, ["fit", str(tmp_path / "sim.parquet"), "--out", str(tmp_path / "fit"),
-                                      "--inference", "svi", "--chains", "1", "--draws", "100", "-q"])
+                                      "--inference", "svi", "--chains", "1", "--draws", "100", "--svi-steps", "200",
+                                      "-q"])
     assert result.exit_code == 0, result.output
     assert "Top" in result.output and "intrinsic" in result.output and "approximation" in result.output
+    assert "if in the circuit" in result.output
     assert (tmp_path / "fit" / schema.FIT_EDGES_FILE).exists()
-    assert load_fit(tmp_path / "fit").summary["n_edges"] == 13
+    summary = load_fit(tmp_path / "fit").summary
+    assert summary["n_edges"] == 13 and summary["diagnostics"]["svi_steps_run"] == 200
 
 
 def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):

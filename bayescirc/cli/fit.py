@@ -65,12 +65,14 @@ def _fmt(value, spec):
 @click.option("--likelihood", type=click.Choice(["gaussian", "student-t"]), default="gaussian", show_default=True,
               help="Input-to-input variation of exact effects: gaussian (fast, sufficient statistics) or student-t "
                    "(robust to outlying inputs; holds the exact scores in memory). summary.json's ppc says which fits.")
+@click.option("--svi-steps", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="Most SVI optimisation steps; SVI stops earlier (after 1,000) once its loss no longer falls.")
 @click.option("--spike-sd", default=0.0, show_default=True,
               help="SD of the spike for edges outside the circuit (0: exactly zero mean effect).")
 @click.option("--top", default=15, show_default=True, help="Edges to list in the terminal summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, spike_sd,
-            top, quiet):
+def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, svi_steps,
+            spike_sd, top, quiet):
     """Fit the hierarchical model to SCORES (a scores.parquet file or directory of parts).
 
     Per input i the exact effect of edge e is theta = mu_e + tau_e * eps: mu_e is the
@@ -82,6 +84,7 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
 
     \b
     Writes OUT/edges.parquet (one row per edge: inclusion_prob, effect_mean/sd/HDI,
+    the effect if the edge is in the circuit: slab_effect_mean, slab_hdi_low/high,
     intrinsic_sd, per-method error_bias/error_sd), OUT/posterior.nc (ArviZ) and
     OUT/summary.json (diagnostics, variance decomposition, predictive check).
 
@@ -97,7 +100,7 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
         warnings.simplefilter("always", FitWarning)
         res = fit(scores, out=out, inference=inference, chains=chains, draws=draws, warmup=warmup, seed=seed,
                   hdi_prob=hdi_prob, inclusion=inclusion, threshold=threshold, likelihood=likelihood,
-                  progress=not quiet, spike_sd=spike_sd)
+                  progress=not quiet, spike_sd=spike_sd, svi_steps=svi_steps)
     shown = set(res.summary["diagnostics"]["warnings"])
     for w in caught:
         if not issubclass(w.category, FitWarning) or str(w.message) not in shown:
