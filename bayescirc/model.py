@@ -176,34 +176,44 @@ class Globals:
 # --- small dense linear algebra, unrolled over K (K = 1 + methods is tiny; batched LAPACK calls are slow) ---
 
 
-def cholesky(B):
-    """Lower Cholesky factor of a batch of small SPD matrices (..., K, K), unrolled elementwise."""
-    K = B.shape[-1]
-    L = [[None] * K for _ in range(K)]
+def _cholesky_entries(entry, K: int) -> list[list]:
+    """Lower Cholesky factor as nested lists ``L[i][j]`` (j <= i), from ``entry(i, j)`` of the SPD matrix."""
+    L = [[None] * (i + 1) for i in range(K)]
     for j in range(K):
-        s = B[..., j, j]
+        s = entry(j, j)
         for k in range(j):
             s = s - L[j][k] ** 2
         L[j][j] = jnp.sqrt(s)
         for i in range(j + 1, K):
-            t = B[..., i, j]
+            t = entry(i, j)
             for k in range(j):
                 t = t - L[i][k] * L[j][k]
             L[i][j] = t / L[j][j]
+    return L
+
+
+def _solve_lower_entries(L_entry, r: list) -> list:
+    """Solve L y = r entry by entry for lower-triangular L given by ``L_entry(i, k)``."""
+    y = []
+    for i in range(len(r)):
+        t = r[i]
+        for k in range(i):
+            t = t - L_entry(i, k) * y[k]
+        y.append(t / L_entry(i, i))
+    return y
+
+
+def cholesky(B):
+    """Lower Cholesky factor of a batch of small SPD matrices (..., K, K), unrolled elementwise."""
+    K = B.shape[-1]
+    L = _cholesky_entries(lambda i, j: B[..., i, j], K)
     zero = jnp.zeros_like(B[..., 0, 0])
-    return jnp.stack([jnp.stack([L[i][j] if L[i][j] is not None else zero for j in range(K)], -1) for i in range(K)], -2)
+    return jnp.stack([jnp.stack([L[i][j] if j <= i else zero for j in range(K)], -1) for i in range(K)], -2)
 
 
 def solve_lower(L, r):
     """Solve L y = r for lower-triangular L (..., K, K), r (..., K)."""
-    K = L.shape[-1]
-    y = []
-    for i in range(K):
-        t = r[..., i]
-        for k in range(i):
-            t = t - L[..., i, k] * y[k]
-        y.append(t / L[..., i, i])
-    return jnp.stack(y, -1)
+    return jnp.stack(_solve_lower_entries(lambda i, k: L[..., i, k], [r[..., i] for i in range(L.shape[-1])]), -1)
 
 
 def solve_upper_t(L, y):
@@ -316,16 +326,8 @@ def evidence_terms(A, b, c, sd):
     entry by entry (the hot path of every likelihood evaluation).
     """
     K = len(b)
-    B = [[(1.0 if i == j else 0.0) + sd[i] * A[i][j] * sd[j] for j in range(i + 1)] for i in range(K)]
-    L = [[None] * (i + 1) for i in range(K)]
-    for j in range(K):
-        s = B[j][j] - sum(L[j][k] ** 2 for k in range(j))
-        L[j][j] = jnp.sqrt(s)
-        for i in range(j + 1, K):
-            L[i][j] = (B[i][j] - sum(L[i][k] * L[j][k] for k in range(j))) / L[j][j]
-    z = []
-    for i in range(K):
-        z.append((sd[i] * b[i] - sum(L[i][k] * z[k] for k in range(i))) / L[i][i])
+    L = _cholesky_entries(lambda i, j: (1.0 if i == j else 0.0) + sd[i] * A[i][j] * sd[j], K)
+    z = _solve_lower_entries(lambda i, k: L[i][k], [sd[i] * b[i] for i in range(K)])
     return c - sum(jnp.log(L[i][i]) for i in range(K)) + 0.5 * sum(zi**2 for zi in z)
 
 
@@ -584,14 +586,13 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
     u = jnp.where(slab[:, None], u1, u0)
     # Rao-Blackwellised inclusion: tau integrated over its grid posterior
     post = jax.nn.softmax(log_w, axis=-1)
-    cond_slab = jax.nn.sigmoid(jnp.log(g.pi) + log_slab - jnp.log1p(-g.pi) - log_spike)
+    log_cond_slab = jax.nn.log_sigmoid(jnp.log(g.pi) + log_slab - jnp.log1p(-g.pi) - log_spike)  # P(slab | tau point)
     if threshold is None:
-        inclusion = jnp.sum(post * cond_slab, -1)
+        inclusion = jnp.sum(post * jnp.exp(log_cond_slab), -1)
     else:
         inclusion = _prob_exceeds(ch0, L0, b, threshold) * (1 - p_slab_here) + _prob_exceeds(ch1, L1, b, threshold) * p_slab_here
     # mu given that the edge is in the slab: tau from its slab-conditional grid posterior, then mu
-    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
-    gs = jax.random.categorical(k_slab, log_w - log_mix + log_slab, axis=-1)
+    gs = jax.random.categorical(k_slab, log_w + log_cond_slab, axis=-1)
     As, bs, cs = quadratic_form(data, jnp.exp(2 * grid_lt[rows, gs])[:, None], g)
     _, chs, Ls = gaussian_evidence(As[:, 0], bs[:, 0], cs[:, 0], slab_v)
     mu_slab = _posterior_draw(chs, Ls, bs[:, 0], z)[:, 0]

@@ -259,7 +259,7 @@ def _edges_section(fit: FitResult, top: int) -> str:
         row += [r.get("intrinsic_sd")]
         row += [r.get(f"error_bias:{m}") for m in approx] + [r.get(f"error_sd:{m}") for m in approx]
         rows.append(row)
-    numeric = set(range(1, len(header))) - {4, 5} if slab else set(range(1, len(header))) - {4}
+    numeric = set(range(1, len(header))) - ({4, 5} if slab else {4})  # the interval columns are text
     return (f"<h2 id='edges'>Top {len(names)} edges</h2>"
             f"<p class='muted'>By inclusion probability, of {len(table):,} edges.</p>"
             + _table(header, rows, numeric=numeric)
