@@ -34,6 +34,7 @@ class Problem:
     layer_idx: np.ndarray
     n_types: int
     n_layers: int
+    n_error_groups: int
     scale: float
     spike_sd: float
     exact_present: bool
@@ -49,8 +50,9 @@ class Problem:
     @property
     def model(self):
         """The collapsed model with its static settings bound; call it with :attr:`args`."""
-        return partial(bm.collapsed_model, n_types=self.n_types, n_layers=self.n_layers, spike_sd=self.spike_sd,
-                       exact_present=self.exact_present, edge_batch=self.edge_batch)
+        return partial(bm.collapsed_model, n_types=self.n_types, n_layers=self.n_layers,
+                       n_error_groups=self.n_error_groups, spike_sd=self.spike_sd, exact_present=self.exact_present,
+                       edge_batch=self.edge_batch)
 
     @property
     def args(self) -> tuple:
@@ -64,13 +66,17 @@ class Problem:
 
     @classmethod
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
-              exact_mask, progress=False) -> Problem:
+              exact_mask, error_pooling="type", progress=False) -> Problem:
+        by_type = error_pooling == "type" and n_types > 1
         data, _ = bm.edge_data(stats)
+        T = n_types if by_type else 1
+        if by_type:  # rows 0..T-1 per edge type; row T the method's own values, for edges that say nothing
+            data = replace(data, error_group=np.where(bm.silent_edges(data), T, type_idx).astype(np.int32))
         E = data.n_edges
         exact_present = bool(np.asarray(data.n_x).sum() > 0)
         base = cls(data=data, grid=bm.coarse_grid(E, scale), type_idx=type_idx, layer_idx=layer_idx, n_types=n_types,
-                   n_layers=n_layers, scale=scale, spike_sd=spike_sd, exact_present=exact_present, student_t=None,
-                   map_values=_init_values(data.n_methods, scale), naive_effect=np.zeros(E))
+                   n_layers=n_layers, n_error_groups=T, scale=scale, spike_sd=spike_sd, exact_present=exact_present,
+                   student_t=None, map_values=_init_values(data.n_methods, scale, T), naive_effect=np.zeros(E))
         # the globals are shared by all edges: a random subset of edges locates their mode well
         sub = np.sort(np.random.default_rng(0).choice(E, min(E, MAP_EDGES), replace=False))
         small = base.subset(sub)
@@ -92,19 +98,30 @@ class Problem:
         return base
 
 
-def _init_values(M, scale):
+def _init_values(M, scale, n_error_groups=1):
     values = {"slab_sd": scale, "pi": 0.2, "tau_loc": math.log(0.5 * scale), "tau_spread": 0.5, "type_sd": 0.2,
               "layer_sd": 0.2}
     if M:
-        values.update(alpha=np.zeros(M), beta=np.ones(M), sigma=np.full(M, 0.3 * scale), omega=np.full(M, 0.1 * scale))
+        values.update(beta=np.ones(M), sigma=np.full(M, 0.3 * scale))
+        if n_error_groups > 1:
+            values.update(alpha_rel=np.zeros(M), omega_rel=np.full(M, 0.3), beta_type=np.ones((n_error_groups, M)),
+                          sigma_type=np.full((n_error_groups, M), 0.3 * scale))
+        else:
+            values.update(alpha=np.zeros(M), omega=np.full(M, 0.1 * scale))
     return values
 
 
-def _globals(sample: dict, M: int, spike_sd: float) -> Globals:
-    z = jnp.zeros(0)
-    return Globals(alpha=sample.get("alpha", z) if M else z, beta=sample.get("beta", z) if M else z,
-                   sigma=sample.get("sigma", z) if M else z, omega=sample.get("omega", z) if M else z,
-                   slab_sd=sample["slab_sd"], spike_sd=spike_sd, pi=sample["pi"])
+def _with_type_errors(samples: dict) -> dict:
+    """Add the per-type bias and error SD in metric units (derived, for the posterior file and summaries)."""
+    if "sigma_type" in samples:
+        samples.update({k: np.asarray(v) for k, v in bm.type_error_values(samples).items()})
+    return samples
+
+
+def _globals(sample: dict, problem: Problem, scale=None) -> Globals:
+    """The likelihood's globals from one draw; pass ``scale`` as a traced array inside compiled code."""
+    scale = problem.scale if scale is None else scale
+    return bm.make_globals(sample, problem.data.n_methods, scale, sample["slab_sd"], problem.spike_sd, sample["pi"])
 
 
 def _tau_prior(sample: dict, type_idx, layer_idx):
@@ -206,7 +223,7 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
 
 def refine(problem: Problem) -> bm.TauGrid:
     sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
-    g = _globals(sample, problem.data.n_methods, problem.spike_sd)
+    g = _globals(sample, problem)
     E = problem.data.n_edges
     step = max(1, int(2e6 // problem.grid.log_tau.shape[1]))
     parts = [_refine_jit(problem.data.take(sl), problem.grid.take(sl), g)
@@ -223,7 +240,7 @@ def _refine_jit(data, grid, g):
 def _conditional_mu(problem: Problem):
     """Slab-conditional posterior mean and SD of mu at the MAP, tau at the grid centre."""
     sample = {k: jnp.asarray(v) for k, v in problem.map_values.items()}
-    g = _globals(sample, problem.data.n_methods, problem.spike_sd)
+    g = _globals(sample, problem)
     mean, sd = _conditional_mu_jit(problem.data, jnp.asarray(problem.grid.log_tau), g)
     return np.asarray(mean), np.asarray(sd)
 
@@ -233,7 +250,7 @@ def _conditional_mu_jit(data, log_tau, g):
     G = log_tau.shape[1]
     var = jnp.exp(2 * log_tau[:, G // 2 : G // 2 + 1])
     A, b, c = bm.quadratic_form(data, var, g)
-    prior = bm._prior_vars(g, data.n_methods, jnp.full(var.shape, g.slab_sd**2))
+    prior = bm._prior_vars(g, data, jnp.full(var.shape, g.slab_sd**2))
     _, chol, L = bm.gaussian_evidence(A, b, c, prior)
     mean = bm._posterior_draw(chol, L, b, jnp.zeros(b.shape))[:, 0, 0]
     e0 = jnp.zeros(b.shape).at[..., 0].set(1.0)
@@ -271,7 +288,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
         mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                     progress_bar=progress, jit_model_args=True)
         mcmc.run(key, *args, extra_fields=("diverging", "energy", "num_steps"))
-        samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+        samples = _with_type_errors({k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()})
         extra = mcmc.get_extra_fields(group_by_chain=True)
         stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"]),
                  "n_steps": np.asarray(extra["num_steps"])}
@@ -287,7 +304,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     params = svi.get_params(state)
     samples = guide.sample_posterior(jax.random.fold_in(key, 1), params, *args, sample_shape=(chains * draws,))
     samples = {k: np.asarray(v)[None] for k, v in samples.items() if k in problem.map_values or k in ("type_z", "layer_z")}
-    return InferenceResult(samples=samples, sample_stats={}, svi_loss=losses)
+    return InferenceResult(samples=_with_type_errors(samples), sample_stats={}, svi_loss=losses)
 
 
 # --- per-edge draws ---------------------------------------------------------------------------------------
@@ -323,7 +340,7 @@ def _t_conditionals(key, data, grid, g, tau_mean, tau_spread, table, threshold=N
     A, b = A[:, 0], b[:, 0]
     M = data.n_methods
     if M:
-        Add = A[:, 1:, 1:] + jnp.eye(M) / jnp.maximum(g.omega**2, 1e-30)
+        Add = A[:, 1:, 1:] + jnp.eye(M) / jnp.maximum(bm.method_params(g, data)[3] ** 2, 1e-30)[:, :, None]
         rhs = b[:, 1:] - A[:, 1:, 0] * mu[:, None]
         chol = bm.cholesky(Add)
         z = jax.random.normal(k_d, (E, M))
@@ -347,8 +364,8 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     M = problem.data.n_methods
     G = problem.grid.log_tau.shape[1]
 
-    def one(key, sample, data, grid, type_idx, layer_idx, table):
-        g = _globals(sample, M, problem.spike_sd)
+    def one(key, sample, data, grid, type_idx, layer_idx, scale, table):
+        g = _globals(sample, problem, scale)
         tm, ts = _tau_prior(sample, type_idx, layer_idx)
         if table is None:
             out = bm.edge_conditionals(key, data, grid, g, tm, ts, threshold=threshold)
@@ -356,19 +373,20 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
         else:
             out = _t_conditionals(key, data, grid, g, tm, ts, table, threshold=threshold)
         if M:
-            err = g.alpha + (g.beta - 1) * out["mu"][:, None] + out["delta"]  # (E, M)
+            alpha, beta, sigma, _ = bm.method_params(g, data)  # (E, M)
+            err = alpha + (beta - 1) * out["mu"][:, None] + out["delta"]
             out["err"] = err
-            out["err_sd"] = jnp.sqrt((g.beta - 1) ** 2 * out["tau"][:, None] ** 2 + g.sigma**2)
-            out["intr"] = g.beta**2 * out["tau"][:, None] ** 2
+            out["err_sd"] = jnp.sqrt((beta - 1) ** 2 * out["tau"][:, None] ** 2 + sigma**2)
+            out["intr"] = beta**2 * out["tau"][:, None] ** 2
+            out["sig2"] = sigma**2
         return out
 
     per_draw = E * G * (1 + M) ** 2 * 8 * 8
     if problem.student_t is not None:
         per_draw += problem.student_t.log_lik.size * 8 * 3
     chunk = int(max(1, min(C * D, 4e8 // per_draw)))
-    batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
-    data, grid, type_idx, layer_idx, _, table = problem.args
-    args = (data, grid, type_idx, layer_idx, table)
+    batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None, None)))
+    args = problem.args
 
     def fn(k, smp):
         return batched(k, smp, *args)
@@ -381,7 +399,7 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     inc = np.zeros((C * D, E), np.float32)
     df = np.zeros(C * D)
     delta = np.zeros((C * D, E, M), np.float32) if keep_delta else None
-    acc = {k: np.zeros((E, M)) for k in ("err", "err2", "err_sd", "intr")}
+    acc = {k: np.zeros((E, M)) for k in ("err", "err2", "err_sd", "intr", "sig2")}
     bar = tqdm(total=C * D, desc="edge draws", unit="draw", disable=not progress)
     for s in range(0, C * D, chunk):
         sl = slice(s, min(C * D, s + chunk))
@@ -399,6 +417,7 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
             acc["err2"] += (err**2).sum(0)
             acc["err_sd"] += np.asarray(out["err_sd"]).sum(0)
             acc["intr"] += np.asarray(out["intr"]).sum(0)
+            acc["sig2"] += np.asarray(out["sig2"]).sum(0)
             if keep_delta:
                 delta[sl] = np.asarray(out["delta"])
         bar.update(sl.stop - sl.start)

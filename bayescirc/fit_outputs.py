@@ -18,8 +18,10 @@ __all__ = ["assemble", "decomposition", "gaussian_ppc", "edges_frame"]
 
 RHAT_MAX = 1.01
 ESS_MIN = 400
-SITE_DIMS = {"alpha": [schema.DIM_METHOD], "beta": [schema.DIM_METHOD], "sigma": [schema.DIM_METHOD],
-             "omega": [schema.DIM_METHOD], "type_z": ["edge_type"], "layer_z": ["layer"]}
+METHOD_SITES = ("alpha", "beta", "sigma", "omega")
+SITE_DIMS = {**{k: [schema.DIM_METHOD] for k in METHOD_SITES + ("alpha_rel", "omega_rel")},
+             **{f"{k}_type": [schema.DIM_EDGE_TYPE, schema.DIM_METHOD] for k in METHOD_SITES},
+             "type_z": [schema.DIM_EDGE_TYPE], "layer_z": ["layer"]}
 
 
 def _shares(intr: float, appr: float, agg: float) -> dict:
@@ -180,7 +182,7 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         dims["delta"] = [schema.DIM_EDGE, schema.DIM_METHOD]
     if likelihood == "student-t":
         posterior["df"] = per_edge["df"]
-    coords = {schema.DIM_EDGE: list(edges), "edge_type": types, "layer": list(layers)}
+    coords = {schema.DIM_EDGE: list(edges), schema.DIM_EDGE_TYPE: types, "layer": list(layers)}
     if approx:
         coords[schema.DIM_METHOD] = list(approx)
     idata = make_idata(posterior, coords=coords, dims=dims, sample_stats=result.sample_stats or None,
@@ -198,12 +200,11 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         observed[schema.EXACT] = np.asarray(problem.data.n_x) > 0
         intr[schema.EXACT] = tau2
         appr[schema.EXACT] = np.zeros(E)
-    sig2 = (result.samples["sigma"].reshape(-1, len(approx)) ** 2).mean(0) if approx else []
     for j, m in enumerate(approx):
         names.append(m)
         observed[m] = _observed(stats, m)
         intr[m] = per_edge["intr"][:, j]
-        appr[m] = per_edge["err2"][:, j] + sig2[j]
+        appr[m] = per_edge["err2"][:, j] + per_edge["sig2"][:, j]
     decomp = decomposition(names, has_exact, observed, intr, appr, agg, layer_label)
 
     # diagnostics
@@ -264,17 +265,20 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         "n_edges": E, "n_inputs": int(len(stats.input_ids)), "methods": list(approx),
         "exact_method": schema.EXACT if has_exact else None, "settings": settings, "metadata": stats.metadata,
         "diagnostics": diag, "decomposition": decomp, "ppc": ppc,
-        "globals": _global_summary(result.samples, approx),
+        "globals": _global_summary(result.samples, approx, types),
     }
     return FitResult(idata=idata, edges=frame, summary=summary, metadata=metadata)
 
 
-def _global_summary(samples: dict, approx) -> dict:
+def _global_summary(samples: dict, approx, types) -> dict:
     out = {}
     for k, v in samples.items():
         flat = v.reshape(-1, *v.shape[2:])
-        if k in ("alpha", "beta", "sigma", "omega"):
+        if k in METHOD_SITES + ("alpha_rel", "omega_rel"):
             out[k] = {m: {"mean": float(flat[:, j].mean()), "sd": float(flat[:, j].std())} for j, m in enumerate(approx)}
+        elif k.endswith("_type") and k[:-5] in METHOD_SITES:
+            out[k] = {m: {t: {"mean": float(flat[:, i, j].mean()), "sd": float(flat[:, i, j].std())}
+                          for i, t in enumerate(types)} for j, m in enumerate(approx)}
         elif flat.ndim == 1:
             out[k] = {"mean": float(flat.mean()), "sd": float(flat.std())}
     return out

@@ -35,10 +35,11 @@ from .graph import edge_table
 from .posterior import FitResult
 from .scores import SufficientStats, _part_files, exact_scores, sufficient_statistics, write_scores
 
-__all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "hdi", "parse_threshold"]
+__all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "ERROR_POOLINGS", "hdi", "parse_threshold"]
 
 INFERENCES = ("auto", "nuts", "svi")
 LIKELIHOODS = ("gaussian", "student-t")
+ERROR_POOLINGS = ("type", "method")
 INCLUSION_RULES = ("slab", "threshold")
 NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
 DRAWS = 1000  # default draws per chain
@@ -213,7 +214,7 @@ def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
 def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: int | None = None, warmup: int | None = None,
         seed: int = 0, hdi_prob: float = 0.9, inclusion: str = "slab", threshold=None, likelihood: str = "gaussian",
         progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None,
-        prior_scale: float | None = None) -> FitResult:
+        prior_scale: float | None = None, error_pooling: str = "type") -> FitResult:
     """Fit the hierarchical model to per-input edge scores.
 
     Parameters
@@ -255,6 +256,12 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     prior_scale : float, optional
         Typical score size the priors are relative to [default: RMS of the exact
         (else first approximate) scores]; fixed for simulation-based calibration.
+    error_pooling : {"type", "method"}, default "type"
+        Groups that share approximation parameters (bias alpha, scale beta,
+        noise sigma, per-edge error SD omega). ``type``: each method x edge type
+        (``attn->attn<q>``, ``mlp->logits``, ...), partially pooled towards the
+        method's values (a method's error differs by orders of magnitude
+        between edge types on real models). ``method``: one set per method.
 
     Returns
     -------
@@ -262,6 +269,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     """
     _choice("inference", inference, INFERENCES)
     _choice("likelihood", likelihood, LIKELIHOODS)
+    _choice("error_pooling", error_pooling, ERROR_POOLINGS)
     _choice("inclusion", inclusion, INCLUSION_RULES)
     if not 0 < hdi_prob < 1:
         raise FitError(f"hdi_prob={hdi_prob} must lie strictly between 0 and 1 (e.g. 0.9).")
@@ -315,7 +323,8 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     table, type_idx, layer_idx, types, layers = _groups(stats.edges)
     scale = float(prior_scale) if prior_scale else _scale(stats)
     problem = engine.Problem.build(stats, type_idx, layer_idx, len(types), len(layers), scale, spike_sd,
-                                   likelihood, exact_values, exact_mask, progress=progress)
+                                   likelihood, exact_values, exact_mask, error_pooling=error_pooling,
+                                   progress=progress)
     clock.lap("start")
     result = engine.run(problem, inference=inference, chains=chains, draws=draws,
                         warmup=draws if warmup is None else warmup, seed=seed, progress=progress,
@@ -334,7 +343,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
                    threshold_origin=thr_origin, likelihood=likelihood, inference=inference, notes=notes,
                    settings=dict(chains=chains, draws=draws, warmup=draws if warmup is None else warmup, seed=seed,
                                  spike_sd=spike_sd, svi_steps=svi_steps or 3000, threshold=threshold,
-                                 scale=scale),
+                                 scale=scale, error_pooling=error_pooling),
                    exact_values=exact_values, exact_mask=exact_mask, layers=layers)
     clock.lap("outputs")
     res.summary["settings"].update(fit_seconds=round(time.perf_counter() - started, 3), timings=clock.laps)

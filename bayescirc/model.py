@@ -4,10 +4,26 @@ Generative model, for edge ``e``, input ``i`` and approximate method ``m``::
 
     theta[i, e] = mu[e] + tau[e] * eps[i, e]                    (eps ~ N(0, 1), or Student-t)
     exact[i, e] = theta[i, e]
-    y[i, e, m]  = alpha[m] + beta[m] * theta[i, e] + delta[e, m] + sigma[m] * eta[i, e, m]
-    delta[e, m] ~ N(0, omega[m]^2)
+    y[i, e, m]  = alpha[t, m] + beta[t, m] * theta[i, e] + delta[e, m] + sigma[t, m] * eta[i, e, m]
+    delta[e, m] ~ N(0, omega[t, m]^2)                          (t = the edge type of e)
     mu[e]       ~ (1 - pi) * N(0, spike_sd^2) + pi * N(0, slab_sd^2)
     log tau[e]  ~ N(tau_loc + type_eff[type(e)] + layer_eff[layer(e)], tau_spread^2)
+
+The approximation parameters are pooled by method and edge type: each edge
+type ``t`` (``attn->attn<q>``, ``mlp->logits``, ...) has its own scale
+``beta[t, m]`` and per-input noise SD ``sigma[t, m]``, partially pooled
+towards the method's (``beta[t, m] ~ N(beta[m], 0.5^2)``, ``log sigma[t, m]
+~ N(log sigma[m], 1.5^2)``), and its bias and per-edge error SD are the
+method's proportions of that noise: ``alpha[t, m] = alpha_rel[m] * sigma[t,
+m]``, ``omega[t, m] = omega_rel[m] * sigma[t, m]``. On the shipped ioi-toy
+model EAP's scale runs from 0.01 (``input->attn<q>``) to 3.5
+(``mlp->attn<k>``) and its noise SD over three orders of magnitude across
+edge types, which one value per method cannot describe; the per-edge error
+SD follows the noise (0.03-0.6 of it, where its absolute value spans 2,600x).
+Free per-type biases and error SDs were tried and left out: a type has 1-16
+edges, so they are barely identified and NUTS met funnels (mean tree size
+~1,000, ESS ~3). With ``error_pooling="method"`` there is one group, the
+plain per-method model with ``alpha[m]``, ``omega[m]`` in metric units.
 
 Given ``tau[e]`` and the globals, everything about one edge is linear-Gaussian
 in ``u = (mu[e], delta[e, :])``: the per-input effects ``theta`` integrate out
@@ -23,8 +39,10 @@ product with the current tau prior, however narrow that prior), so
 the sampler sees only the ~20 global parameters and the cost per evaluation is
 O(edges x grid), independent of the number of inputs.
 
-Sample sites (posterior variables): ``alpha``, ``beta``, ``sigma``, ``omega``
-(plate ``method``), ``slab_sd``, ``pi``, ``tau_loc``, ``tau_spread``,
+Sample sites (posterior variables): ``beta``, ``sigma`` and either
+``alpha``, ``omega`` (one group) or ``alpha_rel``, ``omega_rel`` (plate
+``method``), ``beta_type``, ``sigma_type`` (plates ``edge_type`` x
+``method``; by edge type), ``slab_sd``, ``pi``, ``tau_loc``, ``tau_spread``,
 ``type_sd``, ``type_z`` (plate ``edge_type``), ``layer_sd``, ``layer_z``
 (plate ``layer``); the per-edge ``mu``, ``tau``, ``delta`` and ``inclusion``
 are drawn afterwards from their exact conditionals (:func:`edge_conditionals`).
@@ -85,7 +103,8 @@ class EdgeData:
     (E,). Approximate given exact, per method over inputs with both:
     ``n_xy, sx_m, sxx_m, sy_m, syy_m, sxy_m`` (E, M). Approximate-only
     patterns: ``pat_n[p]`` (E,), ``pat_s[p]`` (E, q), ``pat_c[p]`` (E, q, q)
-    for the methods ``pat_idx[p]`` (static).
+    for the methods ``pat_idx[p]`` (static). ``error_group`` (E,) int: the
+    group whose approximation parameters the edge uses (its edge type, or 0).
     """
 
     n_x: jnp.ndarray
@@ -100,6 +119,7 @@ class EdgeData:
     pat_n: tuple
     pat_s: tuple
     pat_c: tuple
+    error_group: jnp.ndarray
     pat_idx: tuple = field(metadata=dict(static=True))
     n_methods: int = field(metadata=dict(static=True))
 
@@ -109,16 +129,18 @@ class EdgeData:
 
     def take(self, idx) -> EdgeData:
         """The statistics of edges ``idx`` only (a subset or minibatch)."""
-        arrays = {k: getattr(self, k)[idx] for k in ("n_x", "sx", "sxx", "n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m")}
+        arrays = {k: getattr(self, k)[idx] for k in ("n_x", "sx", "sxx", "n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m",
+                                                      "error_group")}
         return EdgeData(**arrays, pat_n=tuple(a[idx] for a in self.pat_n), pat_s=tuple(a[idx] for a in self.pat_s),
                         pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods)
 
 
-def edge_data(stats) -> tuple[EdgeData, list[str]]:
+def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
     """Turn :class:`~bayescirc.scores.SufficientStats` into :class:`EdgeData`.
 
-    Returns the data and the approximate method labels (in ``stats.methods``
-    order, the exact method removed).
+    ``error_group`` (E,) ints: each edge's approximation-parameter group
+    (default: 0 for all, the method's own parameters; see :func:`make_globals`). Returns the data and the approximate method labels
+    (in ``stats.methods`` order, the exact method removed).
     """
     methods = list(stats.methods)
     exact = [k for k, m in enumerate(methods) if schema.is_exact(m)]
@@ -154,8 +176,9 @@ def edge_data(stats) -> tuple[EdgeData, list[str]]:
             pat_n.append(n[:, p])
             pat_s.append(sums[:, p][:, cols])
             pat_c.append(cross[:, p][:, cols][:, :, cols])
+    group = np.zeros(E, np.int32) if error_group is None else np.asarray(error_group, np.int32)
     data = EdgeData(n_x=n_x, sx=sx, sxx=sxx, **blk, pat_n=tuple(pat_n), pat_s=tuple(pat_s), pat_c=tuple(pat_c),
-                    pat_idx=tuple(pat_idx), n_methods=M)
+                    error_group=group, pat_idx=tuple(pat_idx), n_methods=M)
     return data, [methods[k] for k in approx]
 
 
@@ -164,13 +187,27 @@ def edge_data(stats) -> tuple[EdgeData, list[str]]:
 class Globals:
     """Method and prior parameters that the per-edge likelihood is conditioned on (JAX arrays)."""
 
-    alpha: jnp.ndarray  # (M,)
-    beta: jnp.ndarray  # (M,)
-    sigma: jnp.ndarray  # (M,)
-    omega: jnp.ndarray  # (M,)
+    alpha: jnp.ndarray  # (T, M): error group x method
+    beta: jnp.ndarray  # (T, M)
+    sigma: jnp.ndarray  # (T, M)
+    omega: jnp.ndarray  # (T, M)
     slab_sd: jnp.ndarray  # ()
     spike_sd: float | jnp.ndarray  # ()
     pi: jnp.ndarray  # ()
+
+
+def silent_edges(data: EdgeData) -> np.ndarray:
+    """Edges whose every score, exact and approximate, is exactly 0 (E,) bool: they carry no information."""
+    quiet = (np.asarray(data.sxx) == 0) & (np.asarray(data.syy_m).sum(-1) == 0)
+    for c in data.pat_c:
+        quiet &= np.trace(np.asarray(c), axis1=1, axis2=2) == 0
+    return quiet
+
+
+def method_params(g: Globals, data: EdgeData):
+    """``alpha, beta, sigma, omega`` of each edge's error group: (E, M) each."""
+    grp = data.error_group
+    return g.alpha[grp], g.beta[grp], g.sigma[grp], g.omega[grp]
 
 
 # --- small dense linear algebra, unrolled over K (K = 1 + methods is tiny; batched LAPACK calls are slow) ---
@@ -269,35 +306,37 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
     c = -0.5 * data.n_x[:, None] * (LOG_2PI + jnp.log(v)) - 0.5 * data.sxx[:, None] / v
     if M:
         # approximate given exact: y - alpha - beta x - delta ~ N(0, sigma^2), independent of tau
-        a, be, s2 = g.alpha, g.beta, g.sigma**2
+        a, be, sg, _ = method_params(g, data)  # (E, M)
+        s2 = sg**2
         n = data.n_xy
         r1 = data.sy_m - n * a - be * data.sx_m
         r2 = (data.syy_m + n * a**2 + be**2 * data.sxx_m - 2 * a * data.sy_m - 2 * be * data.sxy_m
               + 2 * a * be * data.sx_m)
         for m in range(M):
-            A[1 + m][1 + m] = (n[:, m] / s2[m])[:, None]
-            b[1 + m] = (r1[:, m] / s2[m])[:, None]
+            A[1 + m][1 + m] = (n[:, m] / s2[:, m])[:, None]
+            b[1 + m] = (r1[:, m] / s2[:, m])[:, None]
         c = c + jnp.sum(-0.5 * n * (LOG_2PI + jnp.log(s2)) - 0.5 * r2 / s2, axis=-1)[:, None]
-    for idx, pn, ps, pc in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c):
-        c = _add_approx_only(A, b, c, v, tuple(int(i) for i in idx), pn, ps, pc, g)
+        for idx, pn, ps, pc in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c):
+            c = _add_approx_only(A, b, c, v, tuple(int(i) for i in idx), pn, ps, pc, a, be, s2)
     return A, b, c
 
 
-def _add_approx_only(A, b, c, v, idx, n, S, C, g: Globals):
+def _add_approx_only(A, b, c, v, idx, n, S, C, alpha, beta, s2):
     """Inputs scored by approximate methods ``idx`` only: y ~ N(a + H u, D + v beta beta').
 
     ``H`` maps ``u`` to the methods' means (``beta`` on ``mu``, 1 on the
     method's own ``delta``). With ``w = beta / d`` and ``kappa = beta'w``, the
     precision is ``D^-1 - gamma w w'`` (``gamma = v / (1 + v kappa)``), which
     gives every entry of ``n H' P H``, ``H' P r`` and ``tr(P Q)`` in closed form.
-    Adds to ``A`` and ``b`` in place and returns the new ``c``.
+    ``alpha``, ``beta``, ``s2`` are the edges' (E, M) parameters. Adds to ``A``
+    and ``b`` in place and returns the new ``c``.
     """
     q = len(idx)
-    a = [jnp.asarray(g.alpha)[i] for i in idx]
-    be = [jnp.asarray(g.beta)[i] for i in idx]
-    d = [jnp.asarray(g.sigma)[i] ** 2 for i in idx]
+    a = [alpha[:, i] for i in idx]  # (E,) each
+    be = [beta[:, i] for i in idx]
+    d = [s2[:, i] for i in idx]
     w = [be[j] / d[j] for j in range(q)]
-    kappa = sum(be[j] * w[j] for j in range(q))
+    kappa = sum(be[j] * w[j] for j in range(q))[:, None]  # (E, 1)
     denom = 1.0 + v * kappa  # (E, G)
     gamma = v / denom
     nn = n[:, None]
@@ -305,17 +344,18 @@ def _add_approx_only(A, b, c, v, idx, n, S, C, g: Globals):
     r = [S[:, j] - n * a[j] for j in range(q)]  # (E,) each
     wr = sum(w[j] * r[j] for j in range(q))[:, None]
     b[0] = b[0] + wr / denom
+    wc = [x[:, None] for x in w]
     for j in range(q):
         row = 1 + idx[j]
-        A[row][0] = A[row][0] + nn * w[j] / denom
+        A[row][0] = A[row][0] + nn * wc[j] / denom
         for k in range(j + 1):
             col = 1 + idx[k]
-            A[row][col] = A[row][col] + nn * ((1.0 / d[j] if k == j else 0.0) - gamma * w[j] * w[k])
-        b[row] = b[row] + r[j][:, None] / d[j] - gamma * w[j] * wr
+            A[row][col] = A[row][col] + nn * ((1.0 / d[j][:, None] if k == j else 0.0) - gamma * wc[j] * wc[k])
+        b[row] = b[row] + (r[j] / d[j])[:, None] - gamma * wc[j] * wr
     Q = [[C[:, j, k] - S[:, j] * a[k] - a[j] * S[:, k] + n * a[j] * a[k] for k in range(q)] for j in range(q)]
     tr_dq = sum(Q[j][j] / d[j] for j in range(q))[:, None]
     wqw = sum(w[j] * w[k] * Q[j][k] for j in range(q) for k in range(q))[:, None]
-    logdet = sum(jnp.log(d[j]) for j in range(q)) + jnp.log1p(v * kappa)
+    logdet = sum(jnp.log(d[j]) for j in range(q))[:, None] + jnp.log1p(v * kappa)
     return c - 0.5 * nn * (q * LOG_2PI + logdet) - 0.5 * (tr_dq - gamma * wqw)
 
 
@@ -347,10 +387,11 @@ def gaussian_evidence(A, b, c, prior_var):
     return log_z, chol, L
 
 
-def _prior_vars(g: Globals, M: int, mu_var):
-    """Prior variances of u = (mu, delta) broadcast with ``mu_var``."""
+def _prior_vars(g: Globals, data: EdgeData, mu_var):
+    """Prior variances of u = (mu, delta) broadcast with ``mu_var`` (E, ...)."""
     mu_var = jnp.asarray(mu_var)
-    om = jnp.broadcast_to(g.omega**2, mu_var.shape + (M,))
+    om2 = method_params(g, data)[3] ** 2  # (E, M)
+    om = jnp.broadcast_to(jnp.expand_dims(om2, tuple(range(1, mu_var.ndim))), mu_var.shape + (data.n_methods,))
     return jnp.concatenate([mu_var[..., None], om], axis=-1)
 
 
@@ -361,7 +402,8 @@ def edge_log_marginal(data: EdgeData, var, g: Globals):
     integrated out analytically.
     """
     A, b, c = quadratic_terms(data, var, g)
-    omega = [g.omega[m] for m in range(data.n_methods)]
+    om = method_params(g, data)[3]
+    omega = [om[:, m][:, None] for m in range(data.n_methods)]
     log_spike = evidence_terms(A, b, c, [jnp.asarray(g.spike_sd, float)] + omega)
     log_slab = evidence_terms(A, b, c, [g.slab_sd] + omega)
     return jnp.broadcast_to(log_spike, var.shape), jnp.broadcast_to(log_slab, var.shape)
@@ -459,6 +501,51 @@ def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, points: int = 11, wid
 # --- the NumPyro model ----------------------------------------------------------------------------
 
 
+POOLING_SPREAD = {"beta": 0.5, "sigma": 1.5}
+"""Prior SD of an edge type's scale beta around its method's, and of its log noise SD around the method's
+(fixed, not learnt: a learnt spread over a dozen types makes a funnel)."""
+SIGMA_FLOOR = 1e-4
+"""Per-input noise SD floor, x scale: keeps the likelihood finite where exact and approximate scores agree
+to the last bit."""
+
+
+def make_globals(params: dict, M: int, scale, slab_sd, spike_sd, pi) -> Globals:
+    """:class:`Globals` from sampled values.
+
+    Pooled by method (no ``*_type`` values): one row, the method's ``alpha,
+    beta, sigma, omega``. Pooled by edge type: one row per type, ``beta`` and
+    ``sigma`` the type's own, the bias and the per-edge error SD in units of
+    the type's noise (``alpha = alpha_rel * sigma``, ``omega = omega_rel *
+    sigma``), then one row of the method's own values. Edges whose every score
+    is exactly 0 use that last row: they say nothing about the error, and a
+    type made of them alone would have its noise pulled towards 0.
+    """
+    if not M:
+        z = jnp.zeros((1, 0))
+        return Globals(alpha=z, beta=z, sigma=z, omega=z, slab_sd=slab_sd, spike_sd=spike_sd, pi=pi)
+    if "sigma_type" in params:
+        sigma = jnp.concatenate([jnp.asarray(params["sigma_type"]), jnp.asarray(params["sigma"])[None]])
+        beta = jnp.concatenate([jnp.asarray(params["beta_type"]), jnp.asarray(params["beta"])[None]])
+        alpha, omega = params["alpha_rel"] * sigma, params["omega_rel"] * sigma
+    else:
+        alpha, beta, sigma, omega = (jnp.asarray(params[k])[None] for k in ("alpha", "beta", "sigma", "omega"))
+    return Globals(alpha=alpha, beta=beta, sigma=jnp.sqrt(sigma**2 + (SIGMA_FLOOR * scale) ** 2), omega=omega,
+                   slab_sd=slab_sd, spike_sd=spike_sd, pi=pi)
+
+
+def type_error_values(sample: dict) -> dict:
+    """Bias and per-edge error SD in metric units from a fit pooled by edge type.
+
+    ``alpha_type``, ``omega_type`` (..., types, M) and the method's own
+    ``alpha``, ``omega`` (..., M) (the row :func:`make_globals` appends), so a
+    posterior always has ``alpha, beta, sigma, omega`` per method.
+    """
+    sig, sig_m = sample["sigma_type"], sample["sigma"]
+    a, w = sample["alpha_rel"], sample["omega_rel"]
+    return {"alpha_type": a[..., None, :] * sig, "omega_type": w[..., None, :] * sig, "alpha": a * sig_m,
+            "omega": w * sig_m}
+
+
 def tau_means(tau_loc, type_eff, layer_eff, edge_type_idx, layer_idx):
     """Prior mean of log tau per edge: global + edge type + receiver layer."""
     return tau_loc + type_eff[edge_type_idx] + layer_eff[layer_idx]
@@ -479,8 +566,8 @@ def _group_prior(n: int):
 
 
 def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, scale, student_t=None, *,
-                    n_types: int, n_layers: int, spike_sd: float = 0.0, exact_present: bool = True,
-                    edge_batch: int | None = None):
+                    n_types: int, n_layers: int, n_error_groups: int = 1, spike_sd: float = 0.0,
+                    exact_present: bool = True, edge_batch: int | None = None):
     """Global parameters with every per-edge quantity integrated out.
 
     Parameters
@@ -497,6 +584,9 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
         compiled program.
     spike_sd : float, default 0
         SD of the spike component (0: a point mass at zero).
+    n_error_groups : int, default 1
+        Groups of ``data.error_group``; above 1 each group gets its own
+        approximation parameters, pooled towards the method's.
     exact_present : bool
         Without exact scores, ``alpha``/``beta`` are pinned near (0, 1) by tighter priors.
     student_t : StudentTTable, optional
@@ -506,14 +596,23 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
         the likelihood is rescaled by the plate).
     """
     M = data.n_methods
+    params = {}
     if M:
+        loose = 1.0 if exact_present else 0.1
         with numpyro.plate(schema.DIM_METHOD, M):
-            alpha = numpyro.sample("alpha", dist.Normal(0.0, scale if exact_present else 0.1 * scale))
-            beta = numpyro.sample("beta", dist.Normal(1.0, 0.5 if exact_present else 0.1))
-            sigma = numpyro.sample("sigma", dist.HalfNormal(scale))
-            omega = numpyro.sample("omega", dist.HalfNormal(0.5 * scale))
-    else:
-        alpha = beta = sigma = omega = jnp.zeros(0)
+            params["beta"] = numpyro.sample("beta", dist.Normal(1.0, 0.5 * loose))
+            params["sigma"] = numpyro.sample("sigma", dist.HalfNormal(scale))
+            if n_error_groups > 1:
+                params["alpha_rel"] = numpyro.sample("alpha_rel", dist.Normal(0.0, loose))
+                params["omega_rel"] = numpyro.sample("omega_rel", dist.HalfNormal(1.0))
+            else:
+                params["alpha"] = numpyro.sample("alpha", dist.Normal(0.0, loose * scale))
+                params["omega"] = numpyro.sample("omega", dist.HalfNormal(0.5 * scale))
+        if n_error_groups > 1:
+            s = POOLING_SPREAD
+            with numpyro.plate(schema.DIM_EDGE_TYPE, n_error_groups, dim=-2), numpyro.plate(schema.DIM_METHOD, M, dim=-1):
+                params["beta_type"] = numpyro.sample("beta_type", dist.Normal(params["beta"], s["beta"] * loose))
+                params["sigma_type"] = numpyro.sample("sigma_type", dist.LogNormal(jnp.log(params["sigma"]), s["sigma"]))
     slab_sd = numpyro.sample("slab_sd", dist.LogNormal(jnp.log(scale), 1.5))
     pi = numpyro.sample("pi", dist.Beta(1.0, 3.0))
     tau_loc = numpyro.sample("tau_loc", dist.Normal(jnp.log(scale), 2.0))
@@ -522,7 +621,7 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
     type_z = numpyro.sample("type_z", _group_prior(n_types))
     layer_sd = numpyro.sample("layer_sd", dist.HalfNormal(0.5))
     layer_z = numpyro.sample("layer_z", _group_prior(n_layers))
-    g = Globals(alpha=alpha, beta=beta, sigma=sigma, omega=omega, slab_sd=slab_sd, spike_sd=spike_sd, pi=pi)
+    g = make_globals(params, M, scale, slab_sd, spike_sd, pi)
     if student_t is not None:
         tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
         numpyro.factor("edges", student_t_total(student_t_parts(data, grid, g, tm, tau_spread, student_t)[0])[0])
@@ -574,8 +673,8 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
     var = jnp.exp(2 * grid_lt[rows, gi])[:, None]  # draw u at the grid point (exact conditional there)
     A, b, c = quadratic_form(data, var, g)
     A, b = A[:, 0], b[:, 0]
-    spike_v = _prior_vars(g, M, jnp.full((E,), jnp.asarray(g.spike_sd, float) ** 2))
-    slab_v = _prior_vars(g, M, jnp.full((E,), g.slab_sd**2))
+    spike_v = _prior_vars(g, data, jnp.full((E,), jnp.asarray(g.spike_sd, float) ** 2))
+    slab_v = _prior_vars(g, data, jnp.full((E,), g.slab_sd**2))
     lz0, ch0, L0 = gaussian_evidence(A, b, c[:, 0], spike_v)
     lz1, ch1, L1 = gaussian_evidence(A, b, c[:, 0], slab_v)
     p_slab_here = jax.nn.sigmoid(jnp.log(g.pi) + lz1 - jnp.log1p(-g.pi) - lz0)
@@ -667,11 +766,14 @@ def student_t_table(exact_scores: np.ndarray, mask: np.ndarray, grid: TauGrid, m
 
 
 def _schur_mu(A, b, c, om2):
-    """Integrate delta out of ``c - u'Au/2 + b'u`` (prior N(0, om2)): a quadratic in mu ``c' - a mu^2/2 + b mu``."""
+    """Integrate delta out of ``c - u'Au/2 + b'u`` (prior N(0, om2)): a quadratic in mu ``c' - a mu^2/2 + b mu``.
+
+    ``om2`` broadcasts against ``A``'s leading dimensions plus the method axis.
+    """
     M = A.shape[-1] - 1
     if M == 0:
         return A[..., 0, 0], b[..., 0], c
-    Add = A[..., 1:, 1:] + jnp.eye(M) / om2
+    Add = A[..., 1:, 1:] + jnp.eye(M) / om2[..., None]
     Adm = A[..., 1:, 0]
     # delta prior normaliser: -1/2 sum log om2 ; Gaussian integral: +M/2 log 2pi - 1/2 logdet Add + 1/2 r' Add^-1 r
     chol = cholesky(Add)
@@ -683,7 +785,7 @@ def _schur_mu(A, b, c, om2):
     s_b = solve(bd)
     s_a = solve(Adm)
     logdet = 2 * log_diag_sum(chol)
-    c2 = c - 0.5 * jnp.sum(jnp.log(om2)) - 0.5 * logdet + 0.5 * jnp.sum(bd * s_b, -1)
+    c2 = c - 0.5 * jnp.sum(jnp.log(om2), -1) - 0.5 * logdet + 0.5 * jnp.sum(bd * s_b, -1)
     a2 = A[..., 0, 0] - jnp.sum(Adm * s_a, -1)
     b2 = b[..., 0] - jnp.sum(Adm * s_b, -1)
     return a2, b2, c2
@@ -700,7 +802,8 @@ def student_t_parts(data_no_exact: EdgeData, grid: TauGrid, g: Globals, tau_mean
     """
     var = jnp.exp(2 * grid.log_tau)
     A, b, c = quadratic_form(data_no_exact, var, g)
-    a2, b2, c2 = _schur_mu(A, b, c, jnp.maximum(g.omega**2, 1e-30))
+    om2 = method_params(g, data_no_exact)[3] ** 2
+    a2, b2, c2 = _schur_mu(A, b, c, jnp.maximum(om2, 1e-30)[:, None, :])
     mu = table.mu[:, None, :]  # (E,1,J)
     gauss = c2[..., None] - 0.5 * a2[..., None] * mu**2 + b2[..., None] * mu  # (E,G,J)
     slab_prior = dist.Normal(0.0, g.slab_sd).log_prob(table.mu) + jnp.log(table.mu_step)[:, None]  # (E,J)

@@ -412,14 +412,25 @@ def _stack(fit: FitResult, var: str) -> np.ndarray:
     return values.reshape(-1, *values.shape[2:])
 
 
+def _method_param(fit: FitResult, var: str, m: int, edge: str | None) -> np.ndarray:
+    """Draws of method ``m``'s ``var`` (alpha, beta, sigma, omega) for ``edge``'s edge type, or the method's own."""
+    post = fit.idata.posterior
+    if f"{var}_type" in post and edge is not None:
+        edge_type = fit.edges.set_index(schema.EDGE).loc[edge, "edge_type"]
+        types = [str(t) for t in post[schema.DIM_EDGE_TYPE].values]
+        return _stack(fit, f"{var}_type")[:, types.index(str(edge_type)), m]
+    return _stack(fit, var)[:, m]
+
+
 def predictive_draws(fit, edge: str, method: str, n_inputs: int, n_draws: int = 100, seed: int = 0) -> np.ndarray:
     """Replicated per-input scores of ``edge`` under ``method``, ``[n_draws, n_inputs]``.
 
     For each of ``n_draws`` posterior draws: ``theta = mu_e + tau_e * z`` per
     input; the exact method observes ``theta``; an approximate method ``m``
-    observes ``alpha_m + beta_m * theta + delta_em + sigma_m * eps``, with
-    ``delta`` from the posterior when it was kept, else drawn from its prior
-    ``N(0, omega_m^2)`` (once per draw: it is systematic, shared by the inputs).
+    observes ``alpha + beta * theta + delta_e + sigma * eps`` (the parameters of
+    the edge's type when the fit pooled them by edge type), with ``delta``
+    from the posterior when it was kept, else drawn from its prior
+    ``N(0, omega^2)`` (once per draw: it is systematic, shared by the inputs).
     """
     fit = _as_fit(fit)
     e = fit.edge_names.index(edge)
@@ -434,11 +445,11 @@ def predictive_draws(fit, edge: str, method: str, n_inputs: int, n_draws: int = 
     if method not in methods:
         raise BayescircError(f"method {method!r} is not in the fit (approximate methods: {methods}).")
     m = methods.index(method)
-    alpha, beta, sigma = (_stack(fit, v)[idx, m] for v in ("alpha", "beta", "sigma"))
+    alpha, beta, sigma = (_method_param(fit, v, m, edge)[idx] for v in ("alpha", "beta", "sigma"))
     if "delta" in fit.idata.posterior:
         delta = _stack(fit, "delta")[idx, e, m]
     elif "omega" in fit.idata.posterior:
-        delta = _stack(fit, "omega")[idx, m] * rng.normal(size=len(idx))
+        delta = _method_param(fit, "omega", m, edge)[idx] * rng.normal(size=len(idx))
     else:
         delta = np.zeros(len(idx))
     noise = sigma[:, None] * rng.normal(size=theta.shape)
@@ -485,14 +496,19 @@ def plot_ppc(fit, scores, edges: Sequence[str] | None = None, n_draws: int = 60,
     return fig
 
 
-def calibration_lines(fit, method: str, x: np.ndarray, hdi_prob: float = 0.9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The fitted calibration ``alpha_m + beta_m * x``: posterior mean and a central band, each ``[len(x)]``."""
+def calibration_lines(fit, method: str, x: np.ndarray, hdi_prob: float = 0.9,
+                      edge: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fitted calibration ``alpha + beta * x``: posterior mean and a central band, each ``[len(x)]``.
+
+    With ``edge``, the line of that edge's type (fits that pool the error by
+    edge type); without, the method's pooled line.
+    """
     fit = _as_fit(fit)
     methods = _methods(fit)
     if method not in methods:
         raise BayescircError(f"method {method!r} is not in the fit (approximate methods: {methods}).")
     m = methods.index(method)
-    alpha, beta = _stack(fit, "alpha")[:, m], _stack(fit, "beta")[:, m]
+    alpha, beta = _method_param(fit, "alpha", m, edge), _method_param(fit, "beta", m, edge)
     lines = alpha[:, None] + beta[:, None] * np.asarray(x, float)[None, :]
     tail = (1 - hdi_prob) / 2
     lo, hi = np.quantile(lines, [tail, 1 - tail], axis=0)
@@ -504,7 +520,7 @@ def plot_scatter(fit, scores, edges: Sequence[str] | None = None) -> Figure:
 
     One panel per edge; each approximate method in its colour. Points are
     inputs with both an exact and that method's score; the solid line is the
-    posterior mean of ``alpha_m + beta_m * x`` (band: its central interval),
+    posterior mean of ``alpha + beta * x`` for the edge's type (band: its central interval),
     the dashed line the identity (a perfect approximation).
     """
     import matplotlib as mpl
@@ -534,7 +550,7 @@ def plot_scatter(fit, scores, edges: Sequence[str] | None = None) -> Figure:
             ax.scatter(both[exact], both[method], s=12, alpha=0.7, color=colour, label=f"{method} (n={len(both)})")
             if len(xs_all):
                 grid = np.linspace(xs_all.min(), xs_all.max(), 50)
-                mean, lo, hi = calibration_lines(fit, method, grid, hdi)
+                mean, lo, hi = calibration_lines(fit, method, grid, hdi, edge=edge)
                 ax.plot(grid, mean, color=colour, lw=1.5)
                 ax.fill_between(grid, lo, hi, color=colour, alpha=0.2)
         if len(xs_all):

@@ -98,6 +98,7 @@ def is_exact(label: str) -> bool:
 # --- dimension names (NumPyro plates, ArviZ dims, table columns) ---------------
 DIM_EDGE = "edge"
 DIM_METHOD = "method"
+DIM_EDGE_TYPE = "edge_type"
 DIM_INPUT = "input"
 DIM_DRAW = "draw"
 DIM_CHAIN = "chain"

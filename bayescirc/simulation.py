@@ -10,7 +10,9 @@ input-to-input standard deviation. An approximate method ``m`` scores
 
     s[i, e, m] = bias[m] + scale[m] * theta[i, e] + delta[e, m] + noise_sd[m] * z
 
-with ``delta[e, m] ~ N(0, edge_sd[m]^2)`` a systematic per-edge error.
+with ``delta[e, m] ~ N(0, edge_sd[m]^2)`` a systematic per-edge error; any of
+the four may differ by edge type (``MethodError.by_edge_type``), as they do on
+real models.
 Exact scores (``theta``) exist for the first ``n_exact`` inputs; approximate
 scores for all.
 
@@ -43,18 +45,38 @@ from .graph import LOGITS, Graph, parse_edge
 __all__ = ["MethodError", "SimulationConfig", "Simulation", "simulate", "write_simulation", "read_truth"]
 
 
+ERROR_FIELDS = ("bias", "scale", "edge_sd", "noise_sd")
+
+
 @dataclass(frozen=True)
 class MethodError:
-    """How an approximate method's score relates to the exact effect (see module docstring)."""
+    """How an approximate method's score relates to the exact effect (see module docstring).
+
+    ``by_edge_type`` overrides any of the four values for edges of a type,
+    e.g. ``{"input->attn<q>": {"scale": 0.05, "noise_sd": 0.01}}``.
+    """
 
     bias: float = 0.0
     scale: float = 1.0
     edge_sd: float = 0.0
     noise_sd: float = 0.1
+    by_edge_type: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.edge_sd < 0 or self.noise_sd < 0:
-            raise ValueError(f"edge_sd and noise_sd must be >= 0, got {self.edge_sd}, {self.noise_sd}")
+        for edge_type, values in self.by_edge_type.items():
+            unknown = set(values) - set(ERROR_FIELDS)
+            if unknown:
+                raise ValueError(f"by_edge_type[{edge_type!r}]: unknown {sorted(unknown)}; use {list(ERROR_FIELDS)}")
+        for where, values in [("", asdict(self))] + [(f"by_edge_type[{t!r}] ", v) for t, v in self.by_edge_type.items()]:
+            if values.get("edge_sd", 0) < 0 or values.get("noise_sd", 0) < 0:
+                raise ValueError(f"{where}edge_sd and noise_sd must be >= 0, got {values.get('edge_sd')}, "
+                                 f"{values.get('noise_sd')}")
+
+    def per_edge(self, edge_types) -> dict[str, np.ndarray]:
+        """The four values for each edge of the given types: arrays (E,)."""
+        edge_types = np.asarray(edge_types, dtype=object)
+        return {k: np.array([self.by_edge_type.get(t, {}).get(k, getattr(self, k)) for t in edge_types], float)
+                for k in ERROR_FIELDS}
 
 
 def _default_methods() -> dict[str, MethodError]:
@@ -204,7 +226,8 @@ def truth_table(config: SimulationConfig) -> tuple[Graph, pd.DataFrame]:
         "in_circuit": in_circuit, "is_decoy": is_decoy, "effect": mu, "intrinsic_sd": tau,
     })
     for k, (label, err) in enumerate(config.methods.items()):
-        out[f"error_{label}"] = np.random.default_rng([config.seed, 1, k]).normal(0, 1, n) * err.edge_sd
+        edge_sd = err.per_edge(out["edge_type"])["edge_sd"]
+        out[f"error_{label}"] = np.random.default_rng([config.seed, 1, k]).normal(0, 1, n) * edge_sd
     return graph, out
 
 
@@ -227,8 +250,9 @@ def _block(config: SimulationConfig, truth: pd.DataFrame, start: int) -> list[tu
     if has.any():
         blocks.append((schema.EXACT, ids[has], theta[has]))
     for label, err in config.methods.items():
-        noise = rng.normal(0, 1, theta.shape) * err.noise_sd
-        blocks.append((label, ids, err.bias + err.scale * theta + truth[f"error_{label}"].to_numpy() + noise))
+        p = err.per_edge(truth["edge_type"])
+        noise = rng.normal(0, 1, theta.shape) * p["noise_sd"]
+        blocks.append((label, ids, p["bias"] + p["scale"] * theta + truth[f"error_{label}"].to_numpy() + noise))
     return blocks
 
 

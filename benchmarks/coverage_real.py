@@ -46,6 +46,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--draws", type=int, default=500)
     p.add_argument("--spike-sd", type=float, default=0.0, help="SD of the spike (0, the default: a point mass)")
     p.add_argument("--likelihood", default="gaussian")
+    p.add_argument("--error-pooling", default="type", choices=["type", "method"],
+                   help="approximation parameters per method x edge type (default) or per method")
     a = p.parse_args(argv)
 
     from bayescirc.bridge import shipped_model
@@ -75,12 +77,15 @@ def main(argv=None) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)
         res = fit(sub, inference=a.inference, chains=2 if a.inference == "nuts" else 1, draws=a.draws,
-                  spike_sd=a.spike_sd, likelihood=a.likelihood, progress=False)
+                  spike_sd=a.spike_sd, likelihood=a.likelihood, error_pooling=a.error_pooling, progress=False)
     seconds = time.perf_counter() - t
     e = res.edges.merge(target, left_on="edge", right_index=True)
     mean_k = sub[sub["method"] == "exact"].groupby("edge", observed=True)["score"].mean()
     err_post = np.median(np.abs(e["effect_mean"] - e["target"]))
     err_k = np.median(np.abs(e["edge"].map(mean_k) - e["target"]))
+    d = res.summary["diagnostics"]
+    print(f"fit: {a.inference}, error_pooling={a.error_pooling}, max r_hat {d['max_r_hat']}, min ESS bulk "
+          f"{d['min_ess_bulk']}, divergences {d['divergences']}")
     print(f"fit: {a.inference}, spike_sd={a.spike_sd}, exact on {k} of {n} inputs, {len(e)} edges, {seconds:.0f} s")
     print(f"median |error| of the posterior mean {err_post:.4f} vs the exact {k}-input mean {err_k:.4f}")
     rows = {"mu (effect_hdi)": coverage(e, "effect_hdi_low", "effect_hdi_high"),

@@ -44,9 +44,9 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
     z = np.zeros(E)
     dummy = bm.EdgeData(n_x=z, sx=z, sxx=z, n_xy=np.zeros((E, M)), sx_m=np.zeros((E, M)), sxx_m=np.zeros((E, M)),
                         sy_m=np.zeros((E, M)), syy_m=np.zeros((E, M)), sxy_m=np.zeros((E, M)), pat_n=(), pat_s=(),
-                        pat_c=(), pat_idx=(), n_methods=M)
+                        pat_c=(), error_group=type_idx, pat_idx=(), n_methods=M)
     grid = bm.coarse_grid(E, scale, points=3)
-    model = partial(bm.collapsed_model, n_types=len(types), n_layers=len(layers))
+    model = partial(bm.collapsed_model, n_types=len(types), n_layers=len(layers), n_error_groups=len(types))
     draw = Predictive(model, num_samples=1)(jax.random.PRNGKey(seed), dummy, grid, jnp.asarray(type_idx),
                                             jnp.asarray(layer_idx), scale)
     g = {k: np.asarray(v[0]) for k, v in draw.items() if k != "edges"}
@@ -55,7 +55,9 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
     tau = np.exp(tm + g["tau_spread"] * rng.normal(size=E))
     slab = rng.uniform(size=E) < g["pi"]
     mu = np.where(slab, rng.normal(size=E) * g["slab_sd"], 0.0)
-    delta = rng.normal(size=(E, M)) * g["omega"]
+    par = bm.make_globals(g, M, scale, g["slab_sd"], 0.0, g["pi"])  # (types, M), sigma with its floor
+    alpha, beta, sigma, omega = (np.asarray(getattr(par, k))[type_idx] for k in ("alpha", "beta", "sigma", "omega"))
+    delta = rng.normal(size=(E, M)) * omega
     theta = mu + tau * rng.normal(size=(n_inputs, E))
     rows = []
     names = ["eap", "ig"]
@@ -63,11 +65,15 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
         if i < n_exact:
             rows.append(pd.DataFrame({"input_id": i, "edge": edges, "method": "exact", "score": theta[i]}))
         for m in range(M):
-            y = g["alpha"][m] + g["beta"][m] * theta[i] + delta[:, m] + g["sigma"][m] * rng.normal(size=E)
+            y = alpha[:, m] + beta[:, m] * theta[i] + delta[:, m] + sigma[:, m] * rng.normal(size=E)
             rows.append(pd.DataFrame({"input_id": i, "edge": edges, "method": names[m], "score": y}))
     scores = pd.concat(rows, ignore_index=True)
-    truth = {"beta[eap]": g["beta"][0], "sigma[eap]": g["sigma"][0], "alpha[ig]": g["alpha"][1], "pi": g["pi"],
-             "tau_loc": g["tau_loc"], "mu[0]": mu[0], "mu[5]": mu[5], "tau[3]": tau[3], "slab_sd": g["slab_sd"]}
+    t0, t1 = types[type_idx[0]], types[type_idx[5]]
+    truth = {"beta[eap]": g["beta"][0], "sigma[eap]": g["sigma"][0], "alpha_rel[ig]": g["alpha_rel"][1],
+             "omega_rel[eap]": g["omega_rel"][0],
+             f"beta_type[{t0},eap]": g["beta_type"][type_idx[0], 0], f"sigma_type[{t1},ig]": g["sigma_type"][type_idx[5], 1],
+             "pi": g["pi"], "tau_loc": g["tau_loc"], "mu[0]": mu[0], "mu[5]": mu[5], "tau[3]": tau[3],
+             "slab_sd": g["slab_sd"]}
     return scores, truth, list(edges)
 
 
@@ -76,6 +82,12 @@ def posterior_of(res, name, edges, thin=1):
     if name.startswith(("mu[", "tau[")):
         var, k = name[:-1].split("[")
         return post[var].values[..., int(k)].reshape(-1)
+    if "," in name:
+        var, rest = name[:-1].split("[")
+        t, m = rest.split(",")
+        i = [str(x) for x in post["edge_type"].values].index(t)
+        k = [str(x) for x in post["method"].values].index(m)
+        return post[var].values[..., i, k].reshape(-1)
     if "[" in name:
         var, m = name[:-1].split("[")
         k = [str(x) for x in post["method"].values].index(m)

@@ -30,8 +30,13 @@ def make_simulation(n_layers=2, n_heads=2, n_inputs=40, n_exact=12, seed=3):
 
 
 def make_fit(sim=None, chains=2, draws=100, inference="nuts", spread=0.05, divergences=0, seed=0,
-             r_hat=1.003, ess=850.0, with_delta=False) -> FitResult:
-    """A FitResult whose posterior is centred on ``sim``'s truth with SD ``spread``."""
+             r_hat=1.003, ess=850.0, with_delta=False, by_type=False) -> FitResult:
+    """A FitResult whose posterior is centred on ``sim``'s truth with SD ``spread``.
+
+    ``by_type``: also ``alpha_type`` ... ``omega_type`` (edge_type, method), the
+    method's values times 1, 2, 3, ... for the sorted edge types (as a fit that
+    pools the approximation error by edge type writes them).
+    """
     import arviz as az
 
     sim = sim if sim is not None else make_simulation()
@@ -56,6 +61,13 @@ def make_fit(sim=None, chains=2, draws=100, inference="nuts", spread=0.05, diver
     dims = {"mu": [schema.DIM_EDGE], "inclusion": [schema.DIM_EDGE], "tau": [schema.DIM_EDGE],
             "alpha": [schema.DIM_METHOD], "beta": [schema.DIM_METHOD], "sigma": [schema.DIM_METHOD],
             "omega": [schema.DIM_METHOD]}
+    table, _ = edge_table(edges, n_layers=sim.config.n_layers)
+    types = sorted(table["edge_type"].unique())
+    if by_type:
+        factor = np.arange(1, len(types) + 1, dtype=float)[:, None]
+        for k, v in [("alpha", alpha), ("beta", beta), ("sigma", sigma), ("omega", omega)]:
+            posterior[f"{k}_type"] = v[:, :, None, :] * factor
+            dims[f"{k}_type"] = [schema.DIM_EDGE_TYPE, schema.DIM_METHOD]
     if with_delta:
         true_delta = np.stack([truth[f"error_{m}"].to_numpy() for m in METHODS], axis=-1)
         posterior["delta"] = true_delta + spread * 0.1 * rng.normal(size=(chains, draws, E, M))
@@ -67,9 +79,8 @@ def make_fit(sim=None, chains=2, draws=100, inference="nuts", spread=0.05, diver
         sample_stats = {"diverging": diverging, "energy": rng.normal(size=(chains, draws)).cumsum(axis=1) * 0.1
                         + rng.normal(size=(chains, draws))}
     idata = az.from_dict(posterior=posterior, sample_stats=sample_stats, dims=dims,
-                         coords={schema.DIM_EDGE: edges, schema.DIM_METHOD: list(METHODS)})
+                         coords={schema.DIM_EDGE: edges, schema.DIM_METHOD: list(METHODS), schema.DIM_EDGE_TYPE: types})
 
-    table, _ = edge_table(edges, n_layers=sim.config.n_layers)
     mu_flat = mu.reshape(-1, E)
     lo, hi = np.quantile(mu_flat, [0.05, 0.95], axis=0)
     frame = pd.DataFrame({

@@ -40,6 +40,17 @@ def test_simulate_then_inspect(tmp_path):
     assert summary["metadata"]["seed"] == 7
 
 
+def test_simulate_sets_a_method_error_for_one_edge_type(tmp_path):
+    from bayescirc.simulation import read_truth
+
+    out = tmp_path / "sim.parquet"
+    result = run("simulate", "--out", str(out), "--layers", "1", "--heads", "2", "--inputs", "4",
+                 "--method", "eap:scale=0.5,input->attn<q>.scale=0.05,input->attn<q>.noise_sd=0")
+    assert result.exit_code == 0, result.output
+    eap = read_truth(tmp_path / "sim.truth.parquet")[1].methods["eap"]
+    assert eap.scale == 0.5 and eap.by_edge_type == {"input->attn<q>": {"scale": 0.05, "noise_sd": 0.0}}
+
+
 def test_bad_scores_file_exits_2_without_traceback(tmp_path):
     (tmp_path / "bad.parquet").write_text("nope")
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "bad.parquet")])
@@ -48,9 +59,10 @@ def test_bad_scores_file_exits_2_without_traceback(tmp_path):
 
 
 def test_bad_option_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x.parquet"), "--method", "eap:slope=2"])
-    assert result.exit_code == 2 and "--method" in result.output
-    assert not (tmp_path / "x.parquet").exists()
+    for spec in ("eap:slope=2", "eap:input->attn<q>.slope=2", "eap:input->attn<q>.noise_sd=-1"):
+        result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x.parquet"), "--method", spec])
+        assert result.exit_code == 2 and "--method" in result.output, spec
+        assert not (tmp_path / "x.parquet").exists()
 
 
 @pytest.mark.slow

@@ -248,6 +248,30 @@ def test_student_t_needs_exact_scores():
         quiet_fit(sim.scores, likelihood="student-t", **FAST)
 
 
+# --- approximation error by edge type -------------------------------------------------------------------------
+
+Q_EDGES, LOGIT_EDGES = "input->attn<q>", "attn->logits"
+TYPED_EAP = MethodError(scale=0.8, noise_sd=0.2, by_edge_type={Q_EDGES: {"scale": 0.1, "noise_sd": 0.02},
+                                                                LOGIT_EDGES: {"scale": 1.5, "noise_sd": 0.6}})
+
+
+def test_approximation_error_is_learnt_per_edge_type():
+    """A method whose scale and noise differ by edge type: each type's posterior finds its own, not the average."""
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=120, n_exact=30, methods={"eap": TYPED_EAP}, decoy_fraction=0.0,
+                   seed=3)
+    res = quiet_fit(sim.scores, inference="nuts", chains=1, draws=300, progress=False)
+    post = res.idata.posterior
+    for edge_type, scale, noise in [(Q_EDGES, 0.1, 0.02), (LOGIT_EDGES, 1.5, 0.6), ("attn->mlp", 0.8, 0.2)]:
+        cell = {"edge_type": edge_type, "method": "eap"}  # a dict: .sel's own keyword is `method`
+        beta = post["beta_type"].sel(cell).values.ravel()
+        sigma = post["sigma_type"].sel(cell).values.ravel()
+        assert np.quantile(beta, 0.01) < scale < np.quantile(beta, 0.99), (edge_type, beta.mean())
+        assert np.quantile(sigma, 0.01) < noise < np.quantile(sigma, 0.99), (edge_type, sigma.mean())
+    assert res.summary["globals"]["beta_type"]["eap"][Q_EDGES]["mean"] < 0.3
+    pooled = quiet_fit(sim.scores, error_pooling="method", **FAST)
+    assert "beta_type" not in pooled.idata.posterior and pooled.summary["settings"]["error_pooling"] == "method"
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
@@ -258,10 +282,13 @@ def test_cli_fit_end_to_end(tmp_path):
                                       "-q"])
     assert result.exit_code == 0, result.output
     assert "Top" in result.output and "intrinsic" in result.output and "approximation" in result.output
-    assert "if in the circuit" in result.output
+    assert "if in the circuit" in result.output and "Approximation by edge type" in result.output
     assert (tmp_path / "fit" / schema.FIT_EDGES_FILE).exists()
-    summary = load_fit(tmp_path / "fit").summary
+    fitted = load_fit(tmp_path / "fit")
+    summary = fitted.summary
     assert summary["n_edges"] == 13 and summary["diagnostics"]["svi_steps_run"] == 200
+    assert summary["settings"]["error_pooling"] == "type"
+    assert fitted.idata.posterior["beta_type"].dims[-2:] == ("edge_type", "method")
 
 
 def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):
@@ -275,7 +302,8 @@ def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):
 def test_cli_fit_help_teaches_the_options():
     result = CliRunner().invoke(cli, ["fit", "--help"])
     assert result.exit_code == 0
-    for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "intrinsic", "Example"):
+    for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "--error-pooling", "intrinsic",
+                 "Example"):
         assert word in result.output
 
 
@@ -331,10 +359,14 @@ def test_variance_components_are_recovered_within_20_percent(truth_fit):
     ratio = e["intrinsic_sd"] / e["intrinsic_sd_true"]
     assert np.median(np.abs(ratio - 1)) < 0.2
     g = res.summary["globals"]
-    for m, err in sim.config.methods.items():
-        assert g["beta"][m]["mean"] == pytest.approx(err.scale, rel=0.2)
-        assert g["sigma"][m]["mean"] == pytest.approx(err.noise_sd, rel=0.2)
-        assert abs(g["alpha"][m]["mean"] - err.bias) < 0.2 * sim.config.intrinsic_sd
+    counts = e["edge_type_true"].value_counts()
+    well_observed = counts.index[counts >= 8]  # edge types with 8+ edges (of 16 types)
+    assert len(well_observed) >= 6
+    for m, err in sim.config.methods.items():  # the same error on every type: each type finds it
+        for t in well_observed:
+            assert g["beta_type"][m][t]["mean"] == pytest.approx(err.scale, rel=0.2), (m, t)
+            assert g["sigma_type"][m][t]["mean"] == pytest.approx(err.noise_sd, rel=0.2), (m, t)
+            assert abs(g["alpha_type"][m][t]["mean"] - err.bias) < 0.2 * sim.config.intrinsic_sd, (m, t)
 
 
 @pytest.mark.slow

@@ -48,24 +48,28 @@ def stats_of(table, tmp_path):
         return sufficient_statistics(path)
 
 
-def globals_(M, rng):
-    return Globals(alpha=jnp.asarray(rng.normal(size=M) * 0.3), beta=jnp.asarray(0.5 + rng.uniform(size=M)),
-                   sigma=jnp.asarray(0.5 + rng.uniform(size=M)), omega=jnp.asarray(0.2 + rng.uniform(size=M)),
+GROUPS = [0, 1, 0]  # the three test edges' error groups (edge types): two share one
+
+
+def globals_(M, rng, T=2):
+    """Approximation parameters that differ between the T error groups."""
+    return Globals(alpha=jnp.asarray(rng.normal(size=(T, M)) * 0.3), beta=jnp.asarray(0.5 + rng.uniform(size=(T, M))),
+                   sigma=jnp.asarray(0.5 + rng.uniform(size=(T, M))), omega=jnp.asarray(0.2 + rng.uniform(size=(T, M))),
                    slab_sd=jnp.asarray(1.7), spike_sd=0.0, pi=jnp.asarray(0.3))
 
 
-def dense_moments(edge_rows, methods, g, tau, mu_var=None):
+def dense_moments(edge_rows, methods, g, tau, group=0, mu_var=None):
     """Mean and covariance of all of one edge's scores, theta (and optionally u) integrated, built densely."""
     obs = edge_rows.reset_index(drop=True)
     n = len(obs)
     inputs = obs["input_id"].to_numpy()
     is_exact = (obs["method"] == "exact").to_numpy()
     midx = np.array([methods.index(m) if m != "exact" else -1 for m in obs["method"]])
-    slope = np.where(is_exact, 1.0, np.asarray(g.beta)[midx])
-    offset = np.where(is_exact, 0.0, np.asarray(g.alpha)[midx])
+    slope = np.where(is_exact, 1.0, np.asarray(g.beta)[group][midx])
+    offset = np.where(is_exact, 0.0, np.asarray(g.alpha)[group][midx])
     same = inputs[:, None] == inputs[None, :]
     cov = tau**2 * np.outer(slope, slope) * same
-    cov += np.diag(np.where(is_exact, 0.0, np.asarray(g.sigma)[midx] ** 2))
+    cov += np.diag(np.where(is_exact, 0.0, np.asarray(g.sigma)[group][midx] ** 2))
     K = 1 + len(methods)
     H = np.zeros((n, K))
     H[:, 0] = slope
@@ -73,7 +77,7 @@ def dense_moments(edge_rows, methods, g, tau, mu_var=None):
         if not is_exact[j]:
             H[j, 1 + midx[j]] = 1.0
     if mu_var is not None:
-        V = np.diag(np.concatenate([[mu_var], np.asarray(g.omega) ** 2]))
+        V = np.diag(np.concatenate([[mu_var], np.asarray(g.omega)[group] ** 2]))
         cov = cov + H @ V @ H.T
     return obs["score"].to_numpy(), offset, H, cov
 
@@ -82,14 +86,14 @@ def dense_moments(edge_rows, methods, g, tau, mu_var=None):
 def test_quadratic_form_matches_dense_gaussian_with_theta_integrated(tmp_path, rng, n_exact):
     table = per_input_table(rng, n_exact=n_exact, missing={(2, "ig")})
     st = stats_of(table, tmp_path)
-    data, methods = edge_data(st)
+    data, methods = edge_data(st, error_group=GROUPS)
     assert methods == list(METHODS)
     g = globals_(2, rng)
     tau = np.array([0.4, 1.3, 0.8])
     A, b, c = quadratic_form(data, jnp.asarray(tau[:, None] ** 2), g)
     for e, edge in enumerate(st.edges):
         rows = table[table.edge == edge]
-        y, offset, H, cov = dense_moments(rows, list(METHODS), g, tau[e])
+        y, offset, H, cov = dense_moments(rows, list(METHODS), g, tau[e], GROUPS[e])
         for _ in range(3):
             u = rng.normal(size=3)
             want = stats.multivariate_normal(offset + H @ u, cov).logpdf(y)
@@ -100,15 +104,15 @@ def test_quadratic_form_matches_dense_gaussian_with_theta_integrated(tmp_path, r
 def test_evidence_matches_dense_gaussian_with_mu_and_delta_integrated(tmp_path, rng):
     table = per_input_table(rng, n_exact=2)
     st = stats_of(table, tmp_path)
-    data, _ = edge_data(st)
+    data, _ = edge_data(st, error_group=GROUPS)
     g = globals_(2, rng)
     tau = np.array([0.4, 1.3, 0.8])
     log_spike, log_slab = edge_log_marginal(data, jnp.asarray(tau[:, None] ** 2), g)
     for e, edge in enumerate(st.edges):
         rows = table[table.edge == edge]
-        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], mu_var=1.7**2)
+        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], GROUPS[e], mu_var=1.7**2)
         assert float(log_slab[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
-        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], mu_var=0.0)
+        y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], GROUPS[e], mu_var=0.0)
         assert float(log_spike[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
 
 
@@ -139,7 +143,7 @@ def test_conditional_draws_of_mu_match_the_exact_posterior(tmp_path, rng):
     # reference: posterior of mu from the dense Gaussian (mu prior N(0, slab^2), delta integrated)
     rows = table.reset_index(drop=True)
     y, offset, H, cov = dense_moments(rows, list(METHODS), g, tau)
-    V = np.diag(np.concatenate([[1.7**2], np.asarray(g.omega) ** 2]))
+    V = np.diag(np.concatenate([[1.7**2], np.asarray(g.omega)[0] ** 2]))
     prior_cov = H @ V @ H.T + cov
     gain = V @ H.T @ np.linalg.solve(prior_cov, y - offset)
     post_cov = V - V @ H.T @ np.linalg.solve(prior_cov, H @ V)
@@ -156,7 +160,7 @@ def test_student_t_evidence_matches_numerical_integration(rng):
                             width=8.0, df=(nu,))
     assert isinstance(table, StudentTTable)
     empty = edge_data_exact_free(1)
-    g = Globals(alpha=jnp.zeros(0), beta=jnp.zeros(0), sigma=jnp.zeros(0), omega=jnp.zeros(0),
+    g = Globals(alpha=jnp.zeros((1, 0)), beta=jnp.zeros((1, 0)), sigma=jnp.zeros((1, 0)), omega=jnp.zeros((1, 0)),
                 slab_sd=jnp.asarray(slab), spike_sd=0.0, pi=jnp.asarray(0.5))
     _, log_spike, log_slab, _ = student_t_parts(empty, grid, g, jnp.zeros(1), 1.0, table)
     s = tau * np.sqrt((nu - 2) / nu)
@@ -175,4 +179,4 @@ def edge_data_exact_free(E):
     z = np.zeros(E)
     zm = np.zeros((E, 0))
     return EdgeData(n_x=z, sx=z, sxx=z, n_xy=zm, sx_m=zm, sxx_m=zm, sy_m=zm, syy_m=zm, sxy_m=zm,
-                    pat_n=(), pat_s=(), pat_c=(), pat_idx=(), n_methods=0)
+                    pat_n=(), pat_s=(), pat_c=(), pat_idx=(), error_group=np.zeros(E, np.int32), n_methods=0)

@@ -177,6 +177,25 @@ def test_calibration_line_is_the_posterior_mean_of_alpha_plus_beta_x(fit):
         plots.calibration_lines(fit, schema.EAP_IG_ACTIVATIONS, x)
 
 
+def test_calibration_and_predictive_draws_follow_the_edge_type_when_the_fit_pooled_by_type(sim):
+    fit = make_fit(sim, by_type=True)
+    post = fit.idata.posterior
+    x = np.linspace(-2, 3, 7)
+    types = [str(t) for t in post[schema.DIM_EDGE_TYPE].values]
+    for edge in fit.edge_names[:4]:
+        t = types.index(fit.edges.set_index("edge").loc[edge, "edge_type"])
+        a = post["alpha_type"].values[..., t, 0].ravel()
+        b = post["beta_type"].values[..., t, 0].ravel()
+        mean, _, _ = plots.calibration_lines(fit, schema.EAP, x, edge=edge)
+        np.testing.assert_allclose(mean, a.mean() + b.mean() * x)
+        e = fit.edge_names.index(edge)
+        mu = post["mu"].values[..., e].ravel()
+        draws = plots.predictive_draws(fit, edge, schema.EAP, n_inputs=2000, n_draws=200)
+        assert draws.mean() == pytest.approx(np.mean(a + b * mu), abs=0.05 * (t + 1))
+    pooled, _, _ = plots.calibration_lines(fit, schema.EAP, x)  # no edge: the method's own line
+    np.testing.assert_allclose(pooled, post["alpha"].values[..., 0].mean() + post["beta"].values[..., 0].mean() * x)
+
+
 # --- the circuit graph ------------------------------------------------------------------------------
 
 

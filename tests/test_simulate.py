@@ -84,6 +84,30 @@ def test_moments_match_the_generative_model(tmp_path, heavy_tails):
     np.testing.assert_allclose(cov / var_x, eap.scale, atol=0.03)
 
 
+def test_method_errors_can_differ_by_edge_type(tmp_path):
+    """An edge type's overrides set its calibration line; the other types keep the method's values."""
+    q = "input->attn<q>"
+    eap = MethodError(scale=0.7, noise_sd=0.2, by_edge_type={q: {"scale": 0.05, "bias": 1.0}})
+    config = SimulationConfig(n_layers=1, n_heads=2, n_inputs=2000, n_exact=2000, methods={"eap": eap},
+                              decoy_fraction=0.0, seed=5)
+    path, _ = write_simulation(tmp_path / "sim.parquet", config)
+    stats = sufficient_statistics(path)
+    truth = truth_table(config)[1].set_index("edge")
+    cross = stats.exact_cross().set_index("edge").join(truth)
+    n = cross["n"]
+    slope = (cross.sum_cross / n - cross.sum_exact * cross.sum_approx / n**2) / (
+        cross.sum_exact_sq / n - (cross.sum_exact / n) ** 2)
+    offset = cross.sum_approx / n - slope * cross.sum_exact / n
+    is_q = cross.edge_type == q
+    np.testing.assert_allclose(slope[is_q], 0.05, atol=0.03)
+    np.testing.assert_allclose(offset[is_q], 1.0, atol=0.05)
+    np.testing.assert_allclose(slope[~is_q], 0.7, atol=0.03)
+    with pytest.raises(ValueError, match="unknown"):
+        MethodError(by_edge_type={q: {"slope": 1.0}})
+    with pytest.raises(ValueError, match=r"by_edge_type\['input->attn<q>'\] edge_sd"):
+        MethodError(by_edge_type={q: {"edge_sd": -1.0}})
+
+
 def test_invalid_configs_are_refused():
     with pytest.raises(ValueError, match="n_exact"):
         SimulationConfig(n_inputs=5, n_exact=6)

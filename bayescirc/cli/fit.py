@@ -27,6 +27,7 @@ def _print_summary(res, top: int) -> None:
     click.echo(f"  {'method':<20} intrinsic  approximation  aggregation")
     for m, sh in s["decomposition"]["per_method"].items():
         click.echo(f"  {m:<20} {sh['intrinsic']:9.1%}  {sh['approximation']:13.1%}  {sh['aggregation']:11.1%}")
+    _print_error_by_type(s)
     d = s["diagnostics"]
     if s["inference"] == "nuts":
         click.echo(f"\nDiagnostics: max r_hat {_fmt(d['max_r_hat'], '.3f')}, min ESS bulk/tail "
@@ -36,6 +37,21 @@ def _print_summary(res, top: int) -> None:
     click.echo(f"Posterior predictive check prefers the {s['ppc']['preferred']} likelihood: {s['ppc'].get('reason', '')}")
     for w in d["warnings"]:
         click.echo(f"WARNING: {w}")
+
+
+def _print_error_by_type(s: dict) -> None:
+    """Each method's fitted scale (beta) and noise SD (sigma) per edge type, when the fit pooled them by type."""
+    beta, sigma = s.get("globals", {}).get("beta_type"), s.get("globals", {}).get("sigma_type")
+    if not beta:
+        return
+    methods = list(beta)
+    types = list(next(iter(beta.values())))
+    width = max(9, max(len(t) for t in types))
+    click.echo("\nApproximation by edge type: scale beta (1 = matches exact) and per-input noise SD sigma:")
+    click.echo(f"  {'edge type':<{width}}  " + "  ".join(f"{m[:22]:>22}" for m in methods))
+    for t in types:
+        cells = [f"{beta[m][t]['mean']:6.2f} ({sigma[m][t]['mean']:.3g})" for m in methods]
+        click.echo(f"  {t:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
 
 
 def _fmt(value, spec):
@@ -69,17 +85,20 @@ def _fmt(value, spec):
               help="Most SVI optimisation steps; SVI stops earlier (after 1,000) once its loss no longer falls.")
 @click.option("--spike-sd", default=0.0, show_default=True,
               help="SD of the spike for edges outside the circuit (0: exactly zero mean effect).")
+@click.option("--error-pooling", type=click.Choice(["type", "method"]), default="type", show_default=True,
+              help="Who shares approximation parameters: type = each method x edge type (attn->attn<q>, mlp->logits, "
+                   "...), pooled towards the method's values; method = one set per method.")
 @click.option("--top", default=15, show_default=True, help="Edges to list in the terminal summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, svi_steps,
-            spike_sd, top, quiet):
+            spike_sd, error_pooling, top, quiet):
     """Fit the hierarchical model to SCORES (a scores.parquet file or directory of parts).
 
     Per input i the exact effect of edge e is theta = mu_e + tau_e * eps: mu_e is the
     edge's mean effect (a spike at 0 or a slab: in the circuit or not), tau_e its
     intrinsic input-to-input spread. Each approximate method m observes
-    alpha_m + beta_m * theta + delta_em + noise(sigma_m), learnt where exact scores
-    overlap. The per-input effects, mu, delta and tau are integrated out, so the cost
+    alpha + beta * theta + delta_e + noise(sigma), with alpha, beta, sigma and the
+    spread of delta per method and edge type, learnt where exact scores overlap. The per-input effects, mu, delta and tau are integrated out, so the cost
     grows with edges, not inputs.
 
     \b
@@ -100,7 +119,7 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
         warnings.simplefilter("always", FitWarning)
         res = fit(scores, out=out, inference=inference, chains=chains, draws=draws, warmup=warmup, seed=seed,
                   hdi_prob=hdi_prob, inclusion=inclusion, threshold=threshold, likelihood=likelihood,
-                  progress=not quiet, spike_sd=spike_sd, svi_steps=svi_steps)
+                  progress=not quiet, spike_sd=spike_sd, svi_steps=svi_steps, error_pooling=error_pooling)
     shown = set(res.summary["diagnostics"]["warnings"])
     for w in caught:
         if not issubclass(w.category, FitWarning) or str(w.message) not in shown:

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import click
 
-from ..simulation import MethodError, SimulationConfig, write_simulation
+from ..simulation import ERROR_FIELDS, MethodError, SimulationConfig, write_simulation
 
 
 def _parse_method(value: str) -> tuple[str, MethodError]:
     name, _, spec = value.partition(":")
-    params = {}
+    params, by_type = {}, {}
     for item in filter(None, spec.split(",")):
         key, eq, number = item.partition("=")
-        if not eq or key not in MethodError.__dataclass_fields__:
+        edge_type, dot, field = key.rpartition(".") if "->" in key else ("", "", key)
+        if not eq or field not in ERROR_FIELDS or (dot and not edge_type):
             raise click.BadParameter(
-                f"{value!r}: expected NAME[:bias=B,scale=S,edge_sd=D,noise_sd=N], e.g. 'eap:scale=0.8,noise_sd=0.2'",
-                param_hint="--method")
+                f"{value!r}: expected NAME[:bias=B,scale=S,edge_sd=D,noise_sd=N,TYPE.FIELD=V], e.g. "
+                "'eap:scale=0.8,noise_sd=0.2,input->attn<q>.scale=0.05'", param_hint="--method")
         try:
-            params[key] = float(number)
+            number = float(number)
         except ValueError:
             raise click.BadParameter(f"{value!r}: {key}={number!r} is not a number", param_hint="--method") from None
-    return name, MethodError(**params)
+        if edge_type:
+            by_type.setdefault(edge_type, {})[field] = number
+        else:
+            params[field] = number
+    try:
+        return name, MethodError(**params, by_edge_type=by_type)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}", param_hint="--method") from None
 
 
 @click.command(name="simulate")
@@ -34,8 +42,10 @@ def _parse_method(value: str) -> tuple[str, MethodError]:
               help="Exact scores on the first K inputs (0: approximations only). [default: 20% of the inputs]")
 @click.option("--method", "methods", multiple=True, metavar="NAME[:k=v,...]",
               help="Approximate method and its error: bias, scale, edge_sd (per-edge systematic error), "
-                   "noise_sd (per-input noise). Repeat for several. [default: eap:scale=0.8,edge_sd=0.05,noise_sd=0.2 "
-                   "and eap-ig-inputs:scale=0.95,edge_sd=0.02,noise_sd=0.1]")
+                   "noise_sd (per-input noise); TYPE.FIELD=V sets one for an edge type only, e.g. "
+                   "'eap:scale=0.8,input->attn<q>.scale=0.05' (quote it: the shell reads < and >). Repeat for "
+                   "several. [default: eap:scale=0.8,edge_sd=0.05,noise_sd=0.2 and "
+                   "eap-ig-inputs:scale=0.95,edge_sd=0.02,noise_sd=0.1]")
 @click.option("--no-approx", is_flag=True, help="Simulate exact scores only.")
 @click.option("--circuit-fraction", default=0.1, show_default=True, help="Fraction of edges in the planted circuit.")
 @click.option("--effect-sd", default=1.0, show_default=True, help="Spread of circuit edges' mean effects (metric units).")
