@@ -88,6 +88,10 @@ def main(argv=None) -> pd.DataFrame:
           f"{d['min_ess_bulk']}, divergences {d['divergences']}")
     print(f"fit: {a.inference}, spike_sd={a.spike_sd}, exact on {k} of {n} inputs, {len(e)} edges, {seconds:.0f} s")
     print(f"median |error| of the posterior mean {err_post:.4f} vs the exact {k}-input mean {err_k:.4f}")
+    big = e["target"].abs() > 2 * e["se"]
+    errs = {c: np.median(np.abs(e.loc[big, c] - e.loc[big, "target"])) for c in ("effect_mean", "slab_effect_mean")}
+    print(f"on the {int(big.sum())} edges > 2 SE from 0: effect_mean {errs['effect_mean']:.4f}, slab_effect_mean "
+          f"{errs['slab_effect_mean']:.4f}, exact {k}-input mean {np.median(np.abs(e.loc[big, 'edge'].map(mean_k) - e.loc[big, 'target'])):.4f}")
     rows = {"mu (effect_hdi)": coverage(e, "effect_hdi_low", "effect_hdi_high"),
             "mu if in the slab (slab_hdi)": coverage(e, "slab_hdi_low", "slab_hdi_high")}
     table = pd.DataFrame(rows).T

@@ -10,6 +10,7 @@ calibrated, ranks are uniform: a chi-square test on binned ranks and a KS test
 on normalised ranks give the p-values printed per parameter.
 
     python benchmarks/sbc.py --reps 100            # 13-edge graph, 1 chain x 297 draws thinned to 99 per fit
+    python benchmarks/sbc.py --reps 100 --error-pooling method   # the per-method model
     python benchmarks/sbc.py --reps 20 --minutes 15
 """
 
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
+def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float, by_type: bool = True):
     import jax
     import jax.numpy as jnp
     from numpyro.infer import Predictive
@@ -44,9 +45,10 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
     z = np.zeros(E)
     dummy = bm.EdgeData(n_x=z, sx=z, sxx=z, n_xy=np.zeros((E, M)), sx_m=np.zeros((E, M)), sxx_m=np.zeros((E, M)),
                         sy_m=np.zeros((E, M)), syy_m=np.zeros((E, M)), sxy_m=np.zeros((E, M)), pat_n=(), pat_s=(),
-                        pat_c=(), error_group=type_idx, pat_idx=(), n_methods=M)
+                        pat_c=(), error_group=type_idx if by_type else np.zeros(E, np.int32), pat_idx=(), n_methods=M)
     grid = bm.coarse_grid(E, scale, points=3)
-    model = partial(bm.collapsed_model, n_types=len(types), n_layers=len(layers), n_error_groups=len(types))
+    model = partial(bm.collapsed_model, n_types=len(types), n_layers=len(layers),
+                    n_error_groups=len(types) if by_type else 1)
     draw = Predictive(model, num_samples=1)(jax.random.PRNGKey(seed), dummy, grid, jnp.asarray(type_idx),
                                             jnp.asarray(layer_idx), scale)
     g = {k: np.asarray(v[0]) for k, v in draw.items() if k != "edges"}
@@ -56,7 +58,8 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
     slab = rng.uniform(size=E) < g["pi"]
     mu = np.where(slab, rng.normal(size=E) * g["slab_sd"], 0.0)
     par = bm.make_globals(g, M, scale, g["slab_sd"], 0.0, g["pi"])  # (types, M), sigma with its floor
-    alpha, beta, sigma, omega = (np.asarray(getattr(par, k))[type_idx] for k in ("alpha", "beta", "sigma", "omega"))
+    group = type_idx if by_type else np.zeros(E, int)
+    alpha, beta, sigma, omega = (np.asarray(getattr(par, k))[group] for k in ("alpha", "beta", "sigma", "omega"))
     delta = rng.normal(size=(E, M)) * omega
     theta = mu + tau * rng.normal(size=(n_inputs, E))
     rows = []
@@ -68,12 +71,16 @@ def prior_draw(seed: int, n_inputs: int, n_exact: int, scale: float):
             y = alpha[:, m] + beta[:, m] * theta[i] + delta[:, m] + sigma[:, m] * rng.normal(size=E)
             rows.append(pd.DataFrame({"input_id": i, "edge": edges, "method": names[m], "score": y}))
     scores = pd.concat(rows, ignore_index=True)
-    t0, t1 = types[type_idx[0]], types[type_idx[5]]
-    truth = {"beta[eap]": g["beta"][0], "sigma[eap]": g["sigma"][0], "alpha_rel[ig]": g["alpha_rel"][1],
-             "omega_rel[eap]": g["omega_rel"][0],
-             f"beta_type[{t0},eap]": g["beta_type"][type_idx[0], 0], f"sigma_type[{t1},ig]": g["sigma_type"][type_idx[5], 1],
-             "pi": g["pi"], "tau_loc": g["tau_loc"], "mu[0]": mu[0], "mu[5]": mu[5], "tau[3]": tau[3],
-             "slab_sd": g["slab_sd"]}
+    truth = {"beta[eap]": g["beta"][0], "sigma[eap]": g["sigma"][0]}
+    if by_type:
+        t0, t1 = types[type_idx[0]], types[type_idx[5]]
+        truth.update({"alpha_rel[ig]": g["alpha_rel"][1], "omega_rel[eap]": g["omega_rel"][0],
+                      f"beta_type[{t0},eap]": g["beta_type"][type_idx[0], 0],
+                      f"sigma_type[{t1},ig]": g["sigma_type"][type_idx[5], 1]})
+    else:
+        truth["alpha[ig]"] = g["alpha"][1]
+    truth.update({"pi": g["pi"], "tau_loc": g["tau_loc"], "mu[0]": mu[0], "mu[5]": mu[5], "tau[3]": tau[3],
+                  "slab_sd": g["slab_sd"]})
     return scores, truth, list(edges)
 
 
@@ -104,6 +111,8 @@ def main() -> None:
     parser.add_argument("--thin", type=int, default=3, help="keep every THIN-th draw: SBC needs near-independent draws")
     parser.add_argument("--start", type=int, default=0, help="first replication (seeds 1000+rep): continue an earlier run")
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    parser.add_argument("--error-pooling", default="type", choices=["type", "method"],
+                        help="approximation parameters per method x edge type (default) or per method")
     args = parser.parse_args()
 
     from scipy import stats
@@ -116,11 +125,12 @@ def main() -> None:
     import jax
 
     for rep in range(args.start, args.reps):
-        scores, truth, edges = prior_draw(1000 + rep, args.inputs, args.exact_inputs, scale)
+        scores, truth, edges = prior_draw(1000 + rep, args.inputs, args.exact_inputs, scale,
+                                          by_type=args.error_pooling == "type")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = fit(scores, inference="nuts", chains=1, draws=args.draws * args.thin, warmup=200, seed=rep, progress=False,
-                      prior_scale=scale)
+                      prior_scale=scale, error_pooling=args.error_pooling)
         for name, value in truth.items():
             draws = posterior_of(res, name, edges, args.thin)
             # ties (a spike draw at exactly 0) broken at random, as SBC prescribes for discrete parts
