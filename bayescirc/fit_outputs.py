@@ -19,7 +19,8 @@ __all__ = ["assemble", "decomposition", "gaussian_ppc", "edges_frame"]
 RHAT_MAX = 1.01
 ESS_MIN = 400
 METHOD_SITES = ("alpha", "beta", "sigma", "omega")
-SITE_DIMS = {**{k: [schema.DIM_METHOD] for k in METHOD_SITES + ("alpha_rel", "omega_rel")},
+PER_METHOD_SITES = METHOD_SITES + ("alpha_rel", "omega_rel")
+SITE_DIMS = {**{k: [schema.DIM_METHOD] for k in PER_METHOD_SITES},
              **{f"{k}_type": [schema.DIM_EDGE_TYPE, schema.DIM_METHOD] for k in METHOD_SITES},
              "type_z": [schema.DIM_EDGE_TYPE], "layer_z": ["layer"]}
 
@@ -274,7 +275,7 @@ def _global_summary(samples: dict, approx, types) -> dict:
     out = {}
     for k, v in samples.items():
         flat = v.reshape(-1, *v.shape[2:])
-        if k in METHOD_SITES + ("alpha_rel", "omega_rel"):
+        if k in PER_METHOD_SITES:
             out[k] = {m: {"mean": float(flat[:, j].mean()), "sd": float(flat[:, j].std())} for j, m in enumerate(approx)}
         elif k.endswith("_type") and k[:-5] in METHOD_SITES:
             out[k] = {m: {t: {"mean": float(flat[:, i, j].mean()), "sd": float(flat[:, i, j].std())}

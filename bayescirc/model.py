@@ -104,7 +104,8 @@ class EdgeData:
     ``n_xy, sx_m, sxx_m, sy_m, syy_m, sxy_m`` (E, M). Approximate-only
     patterns: ``pat_n[p]`` (E,), ``pat_s[p]`` (E, q), ``pat_c[p]`` (E, q, q)
     for the methods ``pat_idx[p]`` (static). ``error_group`` (E,) int: the
-    group whose approximation parameters the edge uses (its edge type, or 0).
+    row of :class:`Globals` whose approximation parameters the edge uses (see
+    :func:`make_globals`: its edge type, or the method's own row).
     """
 
     n_x: jnp.ndarray
@@ -138,9 +139,10 @@ class EdgeData:
 def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
     """Turn :class:`~bayescirc.scores.SufficientStats` into :class:`EdgeData`.
 
-    ``error_group`` (E,) ints: each edge's approximation-parameter group
-    (default: 0 for all, the method's own parameters; see :func:`make_globals`). Returns the data and the approximate method labels
-    (in ``stats.methods`` order, the exact method removed).
+    ``error_group`` (E,) ints: each edge's approximation-parameter row
+    (default: 0 for all, the method's own parameters; see :func:`make_globals`).
+    Returns the data and the approximate method labels (in ``stats.methods``
+    order, the exact method removed).
     """
     methods = list(stats.methods)
     exact = [k for k, m in enumerate(methods) if schema.is_exact(m)]

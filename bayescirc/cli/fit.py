@@ -98,7 +98,8 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
     edge's mean effect (a spike at 0 or a slab: in the circuit or not), tau_e its
     intrinsic input-to-input spread. Each approximate method m observes
     alpha + beta * theta + delta_e + noise(sigma), with alpha, beta, sigma and the
-    spread of delta per method and edge type, learnt where exact scores overlap. The per-input effects, mu, delta and tau are integrated out, so the cost
+    spread of delta per method and edge type, learnt where exact scores overlap.
+    The per-input effects, mu, delta and tau are integrated out, so the cost
     grows with edges, not inputs.
 
     \b
