@@ -66,9 +66,10 @@ class Problem:
 
     @classmethod
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
-              exact_mask, error_pooling="type", progress=False) -> Problem:
+              exact_mask, error_pooling="type", approx_only="full", progress=False) -> Problem:
         by_type = error_pooling == "type" and n_types > 1
         data, _ = bm.edge_data(stats)
+        data = replace(data, approx_mean_only=approx_only == "mean")
         T = n_types if by_type else 1
         if by_type:  # rows 0..T-1 per edge type; row T the method's own values, for edges that say nothing
             data = replace(data, error_group=np.where(bm.silent_edges(data), T, type_idx).astype(np.int32))

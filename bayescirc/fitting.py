@@ -35,11 +35,12 @@ from .graph import edge_table
 from .posterior import FitResult
 from .scores import SufficientStats, _part_files, exact_scores, sufficient_statistics, write_scores
 
-__all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "ERROR_POOLINGS", "hdi", "parse_threshold"]
+__all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", "ERROR_POOLINGS", "APPROX_ONLY", "hdi", "parse_threshold"]
 
 INFERENCES = ("auto", "nuts", "svi")
 LIKELIHOODS = ("gaussian", "student-t")
 ERROR_POOLINGS = ("type", "method")
+APPROX_ONLY = ("full", "mean")
 INCLUSION_RULES = ("slab", "threshold")
 NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
 DRAWS = 1000  # default draws per chain
@@ -214,7 +215,7 @@ def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
 def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: int | None = None, warmup: int | None = None,
         seed: int = 0, hdi_prob: float = 0.9, inclusion: str = "slab", threshold=None, likelihood: str = "gaussian",
         progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None,
-        prior_scale: float | None = None, error_pooling: str = "type") -> FitResult:
+        prior_scale: float | None = None, error_pooling: str = "type", approx_only: str = "full") -> FitResult:
     """Fit the hierarchical model to per-input edge scores.
 
     Parameters
@@ -262,6 +263,15 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         (``attn->attn<q>``, ``mlp->logits``, ...), partially pooled towards the
         method's values (a method's error differs by orders of magnitude
         between edge types on real models). ``method``: one set per method.
+    approx_only : {"full", "mean"}, default "full"
+        How inputs scored only by approximate methods enter the likelihood.
+        ``full``: each input through the model, so their scatter also informs
+        the edge's intrinsic SD ``tau`` (through its type's scale ``beta``).
+        ``mean``: for edges with exact inputs, their mean with its observed
+        standard error, so ``tau`` comes from the exact inputs; robust when an
+        edge's approximation scale differs from its type's, which on ioi-toy
+        inflated ``tau`` and put clear edges in the spike (README, stability).
+        Edges without exact inputs keep ``full``. Gaussian likelihood only.
 
     Returns
     -------
@@ -270,6 +280,10 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     _choice("inference", inference, INFERENCES)
     _choice("likelihood", likelihood, LIKELIHOODS)
     _choice("error_pooling", error_pooling, ERROR_POOLINGS)
+    _choice("approx_only", approx_only, APPROX_ONLY)
+    if approx_only == "mean" and likelihood != "gaussian":
+        raise FitError(f"approx_only='mean' works with likelihood='gaussian' only (got {likelihood!r}): the "
+                       "Student-t fit takes exact inputs from a separate table. Use one or the other.")
     _choice("inclusion", inclusion, INCLUSION_RULES)
     if not 0 < hdi_prob < 1:
         raise FitError(f"hdi_prob={hdi_prob} must lie strictly between 0 and 1 (e.g. 0.9).")
@@ -324,7 +338,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     scale = float(prior_scale) if prior_scale else _scale(stats)
     problem = engine.Problem.build(stats, type_idx, layer_idx, len(types), len(layers), scale, spike_sd,
                                    likelihood, exact_values, exact_mask, error_pooling=error_pooling,
-                                   progress=progress)
+                                   approx_only=approx_only, progress=progress)
     clock.lap("start")
     result = engine.run(problem, inference=inference, chains=chains, draws=draws,
                         warmup=draws if warmup is None else warmup, seed=seed, progress=progress,
@@ -343,7 +357,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
                    threshold_origin=thr_origin, likelihood=likelihood, inference=inference, notes=notes,
                    settings=dict(chains=chains, draws=draws, warmup=draws if warmup is None else warmup, seed=seed,
                                  spike_sd=spike_sd, svi_steps=svi_steps or 3000, threshold=threshold,
-                                 scale=scale, error_pooling=error_pooling),
+                                 scale=scale, error_pooling=error_pooling, approx_only=approx_only),
                    exact_values=exact_values, exact_mask=exact_mask, layers=layers)
     clock.lap("outputs")
     res.summary["settings"].update(fit_seconds=round(time.perf_counter() - started, 3), timings=clock.laps)

@@ -106,6 +106,8 @@ class EdgeData:
     for the methods ``pat_idx[p]`` (static). ``error_group`` (E,) int: the
     row of :class:`Globals` whose approximation parameters the edge uses (see
     :func:`make_globals`: its edge type, or the method's own row).
+    ``approx_mean_only`` (static): approximate-only inputs of an edge with
+    exact inputs enter through their mean alone (see :func:`quadratic_terms`).
     """
 
     n_x: jnp.ndarray
@@ -123,6 +125,7 @@ class EdgeData:
     error_group: jnp.ndarray
     pat_idx: tuple = field(metadata=dict(static=True))
     n_methods: int = field(metadata=dict(static=True))
+    approx_mean_only: bool = field(default=False, metadata=dict(static=True))
 
     @property
     def n_edges(self) -> int:
@@ -133,7 +136,8 @@ class EdgeData:
         arrays = {k: getattr(self, k)[idx] for k in ("n_x", "sx", "sxx", "n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m",
                                                       "error_group")}
         return EdgeData(**arrays, pat_n=tuple(a[idx] for a in self.pat_n), pat_s=tuple(a[idx] for a in self.pat_s),
-                        pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods)
+                        pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods,
+                        approx_mean_only=self.approx_mean_only)
 
 
 def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
@@ -297,6 +301,20 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
     K x K dimensions and scatter updates made the same algebra 3-4x slower on
     CPU, and it runs in every gradient of the fit. Entries may be scalars or
     (E, 1) where they do not vary with tau; they broadcast against ``var``.
+
+    With ``data.approx_mean_only``, an edge with at least 2 exact inputs takes
+    its approximate-only inputs through their mean alone, ``ybar ~ N(alpha +
+    H u, S / n)`` with ``S`` their sample covariance
+    (:func:`_add_approx_mean`), instead of the full model likelihood
+    ``N(alpha + H u, D + tau^2 beta beta')`` per input. The full likelihood
+    makes their scatter inform ``tau`` through the edge *type's* scale
+    ``beta``; where an edge's own slope is far from its type's, hundreds of
+    approximate-only inputs then outvote its exact inputs and inflate ``tau``
+    (measured on ioi-toy: intrinsic SD 3.4 for an edge whose exact scores have
+    SD 1.6-2.0). With the mean alone, ``tau`` is learnt from the exact inputs
+    and the approximations inform ``mu`` with their own observed precision.
+    Patterns with fewer than ``q + 2`` inputs, or a method with no scatter,
+    keep the full likelihood.
     """
     M = data.n_methods
     K = 1 + M
@@ -319,8 +337,61 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
             b[1 + m] = (r1[:, m] / s2[:, m])[:, None]
         c = c + jnp.sum(-0.5 * n * (LOG_2PI + jnp.log(s2)) - 0.5 * r2 / s2, axis=-1)[:, None]
         for idx, pn, ps, pc in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c):
-            c = _add_approx_only(A, b, c, v, tuple(int(i) for i in idx), pn, ps, pc, a, be, s2)
+            idx = tuple(int(i) for i in idx)
+            if not data.approx_mean_only:
+                c = _add_approx_only(A, b, c, v, idx, pn, ps, pc, a, be, s2)
+                continue
+            A_full, b_full = [list(row) for row in A], list(b)
+            c_full = _add_approx_only(A_full, b_full, c, v, idx, pn, ps, pc, a, be, s2)
+            use, c_mean = _add_approx_mean(A, b, c, idx, pn, ps, pc, a, be, data.n_x)
+            for i in range(K):
+                b[i] = jnp.where(use, b[i], b_full[i])
+                for j in range(i + 1):
+                    A[i][j] = jnp.where(use, A[i][j], A_full[i][j])
+            c = jnp.where(use, c_mean, c_full)
     return A, b, c
+
+
+def _add_approx_mean(A, b, c, idx, n, S, C, alpha, beta, n_exact):
+    """Inputs scored by approximate methods ``idx`` only, through their mean: ``ybar ~ N(a + H u, S_c / n)``.
+
+    ``S_c`` is the sample covariance of those inputs' scores. Adds
+    ``n H' S_c^-1 H`` to ``A`` and ``n H' S_c^-1 (ybar - a)`` to ``b`` in place;
+    returns ``(use, c)``: ``use`` (E, 1) marks the edges where this applies
+    (>= 2 exact inputs, >= q + 2 of these inputs, every method with scatter);
+    elsewhere the caller keeps the full likelihood (the values here are then
+    finite placeholders).
+    """
+    q = len(idx)
+    nf = jnp.maximum(n, 2.0)
+    ybar = S / nf[:, None]  # (E, q)
+    cov = (C - S[:, :, None] * S[:, None, :] / nf[:, None, None]) / (nf - 1)[:, None, None]
+    var = jnp.diagonal(cov, axis1=1, axis2=2)
+    use = (n_exact >= 2) & (n >= q + 2) & jnp.all(var > 1e-12 * jnp.max(jnp.abs(ybar), -1, keepdims=True) ** 2 + 1e-300,
+                                                   -1)
+    cov = jnp.where(use[:, None, None], cov, jnp.eye(q))  # placeholders keep the unused branch finite
+    cov = cov + jnp.eye(q) * 1e-12 * jnp.max(jnp.diagonal(cov, axis1=1, axis2=2), -1)[:, None, None]  # collinear methods
+    chol = cholesky(cov / nf[:, None, None])  # covariance of ybar
+    a = jnp.stack([alpha[:, i] for i in idx], -1)
+    be = jnp.stack([beta[:, i] for i in idx], -1)
+    r = ybar - a
+
+    def solve(x):  # (S_c / n)^-1 x
+        return solve_upper_t(chol, solve_lower(chol, x))
+
+    p_be, p_r = solve(be), solve(r)
+    A[0][0] = A[0][0] + jnp.sum(be * p_be, -1)[:, None]
+    b[0] = b[0] + jnp.sum(be * p_r, -1)[:, None]
+    for j in range(q):
+        row = 1 + idx[j]
+        A[row][0] = A[row][0] + p_be[:, j][:, None]
+        e_j = jnp.zeros(q).at[j].set(1.0)
+        p_j = solve(jnp.broadcast_to(e_j, r.shape))
+        for k in range(j + 1):
+            A[row][1 + idx[k]] = A[row][1 + idx[k]] + p_j[:, k][:, None]
+        b[row] = b[row] + p_r[:, j][:, None]
+    log_norm = -0.5 * q * LOG_2PI - log_diag_sum(chol) - 0.5 * jnp.sum(r * p_r, -1)
+    return use[:, None], c + log_norm[:, None]
 
 
 def _add_approx_only(A, b, c, v, idx, n, S, C, alpha, beta, s2):

@@ -11,6 +11,7 @@ on normalised ranks give the p-values printed per parameter.
 
     python benchmarks/sbc.py --reps 100            # 13-edge graph, 1 chain x 297 draws thinned to 99 per fit
     python benchmarks/sbc.py --reps 100 --error-pooling method   # the per-method model
+    python benchmarks/sbc.py --reps 100 --approx-only mean       # approximate-only inputs through their mean
     python benchmarks/sbc.py --reps 20 --minutes 15
 """
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     parser.add_argument("--error-pooling", default="type", choices=["type", "method"],
                         help="approximation parameters per method x edge type (default) or per method")
+    parser.add_argument("--approx-only", default="full", choices=["full", "mean"],
+                        help="fit's approx_only: approximate-only inputs through the model (default) or their mean")
     args = parser.parse_args()
 
     from scipy import stats
@@ -130,7 +133,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = fit(scores, inference="nuts", chains=1, draws=args.draws * args.thin, warmup=200, seed=rep, progress=False,
-                      prior_scale=scale, error_pooling=args.error_pooling)
+                      prior_scale=scale, error_pooling=args.error_pooling, approx_only=args.approx_only)
         for name, value in truth.items():
             draws = posterior_of(res, name, edges, args.thin)
             # ties (a spike draw at exactly 0) broken at random, as SBC prescribes for discrete parts
@@ -144,14 +147,14 @@ def main() -> None:
     n = len(next(iter(ranks.values())))
     bins = 5
     print(f"\nSBC: {n} replications, {args.draws} draws each, ranks in 0..{args.draws}")
-    print("| parameter | chi-square p (5 bins) | KS p |")
-    print("|---|---|---|")
+    print("| parameter | chi-square p (5 bins) | KS p | rank counts per bin |")
+    print("|---|---|---|---|")
     for name, r in ranks.items():
         r = np.asarray(r)
         counts = np.histogram(r, bins=bins, range=(0, args.draws + 1))[0]
         chi = stats.chisquare(counts).pvalue
         ks = stats.kstest((r + np.random.default_rng(0).uniform(size=n)) / (args.draws + 1), "uniform").pvalue
-        print(f"| {name} | {chi:.3f} | {ks:.3f} |")
+        print(f"| {name} | {chi:.3f} | {ks:.3f} | {', '.join(str(c) for c in counts)} |")
 
 
 if __name__ == "__main__":

@@ -272,6 +272,26 @@ def test_approximation_error_is_learnt_per_edge_type():
     assert "beta_type" not in pooled.idata.posterior and pooled.summary["settings"]["error_pooling"] == "method"
 
 
+def test_an_edge_whose_approximation_scale_differs_from_its_types_keeps_its_intrinsic_sd_with_approx_only_mean():
+    """One edge's EAP scores x3 (its own scale 2.4 where its type's is 0.8): the full likelihood explains their
+    scatter with a larger tau (~2x); through their mean only, tau stays at the edge's exact-score SD."""
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=200, n_exact=40, methods={"eap": MethodError(scale=0.8, noise_sd=0.2)},
+                   decoy_fraction=0.0, seed=11)
+    scores, edge = sim.scores.copy(), "a0.h1->m0"
+    steep = (scores["edge"] == edge) & (scores["method"] == "eap")
+    scores.loc[steep, "score"] *= 3
+    true_sd = sim.truth.set_index("edge").loc[edge, "intrinsic_sd"]
+    tau = {mode: quiet_fit(scores, inference="nuts", chains=1, draws=200, progress=False, approx_only=mode)
+           .edges.set_index("edge").loc[edge, "intrinsic_sd"] for mode in ("full", "mean")}
+    assert tau["mean"] == pytest.approx(true_sd, rel=0.25), tau
+    assert tau["full"] > 1.5 * true_sd, tau
+
+
+def test_approx_only_mean_needs_the_gaussian_likelihood(tiny):
+    with pytest.raises(FitError, match="approx_only='mean' works with likelihood='gaussian'"):
+        fit(tiny.scores, **{**FAST, "approx_only": "mean", "likelihood": "student-t"})
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
@@ -279,7 +299,7 @@ def test_cli_fit_end_to_end(tmp_path):
     write_simulation(tmp_path / "sim.parquet", n_layers=1, n_heads=2, n_inputs=40, seed=8)
     result = CliRunner().invoke(cli, ["fit", str(tmp_path / "sim.parquet"), "--out", str(tmp_path / "fit"),
                                       "--inference", "svi", "--chains", "1", "--draws", "100", "--svi-steps", "200",
-                                      "-q"])
+                                      "--approx-only", "mean", "-q"])
     assert result.exit_code == 0, result.output
     assert "Top" in result.output and "intrinsic" in result.output and "approximation" in result.output
     assert "if in the circuit" in result.output and "Approximation by edge type" in result.output
@@ -288,6 +308,7 @@ def test_cli_fit_end_to_end(tmp_path):
     summary = fitted.summary
     assert summary["n_edges"] == 13 and summary["diagnostics"]["svi_steps_run"] == 200
     assert summary["settings"]["error_pooling"] == "type"
+    assert summary["settings"]["approx_only"] == "mean"
     assert fitted.idata.posterior["beta_type"].dims[-2:] == ("edge_type", "method")
 
 
@@ -302,7 +323,8 @@ def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):
 def test_cli_fit_help_teaches_the_options():
     result = CliRunner().invoke(cli, ["fit", "--help"])
     assert result.exit_code == 0
-    for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "--error-pooling", "intrinsic",
+    for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "--error-pooling", "--approx-only",
+                 "intrinsic",
                  "Example"):
         assert word in result.output
 

@@ -1,5 +1,7 @@
 """The collapsed per-edge likelihood equals brute-force references on per-input data."""
 
+import dataclasses
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -114,6 +116,40 @@ def test_evidence_matches_dense_gaussian_with_mu_and_delta_integrated(tmp_path, 
         assert float(log_slab[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
         y, offset, _, cov = dense_moments(rows, list(METHODS), g, tau[e], GROUPS[e], mu_var=0.0)
         assert float(log_spike[e, 0]) == pytest.approx(stats.multivariate_normal(offset, cov).logpdf(y), rel=1e-9)
+
+
+@pytest.mark.parametrize("n_exact", [0, 1, 3])
+def test_approximate_only_inputs_enter_through_their_mean_when_asked(tmp_path, rng, n_exact):
+    """approx_mean_only: exact inputs and their approximations as before, the others as ybar ~ N(a + H u, S / n).
+
+    With fewer than 2 exact inputs the edge keeps the full likelihood (tau would rest on the prior alone).
+    """
+    table = per_input_table(rng, n_inputs=9, n_exact=n_exact, missing={(2, "ig")})
+    st = stats_of(table, tmp_path)
+    data, _ = edge_data(st, error_group=GROUPS)
+    data = dataclasses.replace(data, approx_mean_only=True)
+    g = globals_(2, rng)
+    tau = np.array([0.4, 1.3, 0.8])
+    A, b, c = quadratic_form(data, jnp.asarray(tau[:, None] ** 2), g)
+    for e, edge in enumerate(st.edges):
+        rows = table[table.edge == edge]
+        exact_inputs = set(rows.loc[rows.method == "exact", "input_id"])
+        split = n_exact >= 2
+        dense_rows = rows[rows.input_id.isin(exact_inputs)] if split else rows
+        y, offset, H, cov = dense_moments(dense_rows, list(METHODS), g, tau[e], GROUPS[e])
+        rest = rows[~rows.input_id.isin(exact_inputs)].pivot(index="input_id", columns="method", values="score")
+        cols = [m for m in METHODS if m in rest.columns]
+        idx = [METHODS.index(m) for m in cols]
+        scores = rest[cols].to_numpy()
+        for _ in range(3):
+            u = rng.normal(size=3)
+            want = stats.multivariate_normal(offset + H @ u, cov).logpdf(y)
+            if split:
+                mean = np.asarray(g.alpha)[GROUPS[e]][idx] + np.asarray(g.beta)[GROUPS[e]][idx] * u[0] + u[1:][idx]
+                sample_cov = np.atleast_2d(np.cov(scores.T, ddof=1)) / len(scores)
+                want += stats.multivariate_normal(mean, sample_cov).logpdf(scores.mean(0))
+            got = float(c[e, 0] - 0.5 * u @ A[e, 0] @ u + b[e, 0] @ u)
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
 def test_exact_only_evidence_matches_numerical_integration_over_mu(rng):

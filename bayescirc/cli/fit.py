@@ -88,10 +88,14 @@ def _fmt(value, spec):
 @click.option("--error-pooling", type=click.Choice(["type", "method"]), default="type", show_default=True,
               help="Who shares approximation parameters: type = each method x edge type (attn->attn<q>, mlp->logits, "
                    "...), pooled towards the method's values; method = one set per method.")
+@click.option("--approx-only", type=click.Choice(["full", "mean"]), default="full", show_default=True,
+              help="Inputs scored only by approximate methods: full = each through the model (their scatter also "
+                   "informs tau); mean = their mean with its observed standard error, tau from the exact inputs "
+                   "(robust when an edge's approximation scale differs from its edge type's).")
 @click.option("--top", default=15, show_default=True, help="Edges to list in the terminal summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, svi_steps,
-            spike_sd, error_pooling, top, quiet):
+            spike_sd, error_pooling, approx_only, top, quiet):
     """Fit the hierarchical model to SCORES (a scores.parquet file or directory of parts).
 
     Per input i the exact effect of edge e is theta = mu_e + tau_e * eps: mu_e is the
@@ -120,7 +124,8 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
         warnings.simplefilter("always", FitWarning)
         res = fit(scores, out=out, inference=inference, chains=chains, draws=draws, warmup=warmup, seed=seed,
                   hdi_prob=hdi_prob, inclusion=inclusion, threshold=threshold, likelihood=likelihood,
-                  progress=not quiet, spike_sd=spike_sd, svi_steps=svi_steps, error_pooling=error_pooling)
+                  progress=not quiet, spike_sd=spike_sd, svi_steps=svi_steps, error_pooling=error_pooling,
+                  approx_only=approx_only)
     shown = set(res.summary["diagnostics"]["warnings"])
     for w in caught:
         if not issubclass(w.category, FitWarning) or str(w.message) not in shown:

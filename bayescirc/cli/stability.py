@@ -30,13 +30,17 @@ import click
 @click.option("--fit-chains", type=int, default=None, help="NUTS chains of every Bayesian fit. [default: the fit's, 2]")
 @click.option("--fit-inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
               help="Inference of every Bayesian fit: auto = NUTS up to 5,000 edges, SVI above.")
+@click.option("--fit-error-pooling", type=click.Choice(["type", "method"]), default=None,
+              help="--error-pooling of every Bayesian fit (see bayescirc fit --help). [default: the fit's, type]")
+@click.option("--fit-approx-only", type=click.Choice(["full", "mean"]), default=None,
+              help="--approx-only of every Bayesian fit (see bayescirc fit --help). [default: the fit's, full]")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
                    "edges.parquet and summary.txt. [default: print only]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
 def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
-            seed, out, as_json):
+            fit_error_pooling, fit_approx_only, seed, out, as_json):
     """Stability of circuits selected from SCORES, conventional and Bayesian side by side.
 
     Conventional: mean score per edge and method, top-k (or threshold), pruned.
@@ -59,6 +63,10 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         fit_options["draws"] = fit_draws
     if fit_chains:
         fit_options["chains"] = fit_chains
+    if fit_error_pooling:
+        fit_options["error_pooling"] = fit_error_pooling
+    if fit_approx_only:
+        fit_options["approx_only"] = fit_approx_only
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
                        fit_options=fit_options, seed=seed, progress=True)
