@@ -48,6 +48,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--likelihood", default="gaussian")
     p.add_argument("--error-pooling", default="type", choices=["type", "method"],
                    help="approximation parameters per method x edge type (default) or per method")
+    p.add_argument("--approx-only", default="full", choices=["full", "mean"],
+                   help="approximate-only inputs through the model (default) or through their mean")
     a = p.parse_args(argv)
 
     from bayescirc.bridge import shipped_model
@@ -77,7 +79,8 @@ def main(argv=None) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)
         res = fit(sub, inference=a.inference, chains=2 if a.inference == "nuts" else 1, draws=a.draws,
-                  spike_sd=a.spike_sd, likelihood=a.likelihood, error_pooling=a.error_pooling, progress=False)
+                  spike_sd=a.spike_sd, likelihood=a.likelihood, error_pooling=a.error_pooling,
+                  approx_only=a.approx_only, progress=False)
     seconds = time.perf_counter() - t
     e = res.edges.merge(target, left_on="edge", right_index=True)
     mean_k = sub[sub["method"] == "exact"].groupby("edge", observed=True)["score"].mean()
