@@ -366,9 +366,9 @@ def _add_approx_mean(A, b, c, idx, n, S, C, alpha, beta, n_exact):
     nf = jnp.maximum(n, 2.0)
     ybar = S / nf[:, None]  # (E, q)
     cov = (C - S[:, :, None] * S[:, None, :] / nf[:, None, None]) / (nf - 1)[:, None, None]
-    var = jnp.diagonal(cov, axis1=1, axis2=2)
-    use = (n_exact >= 2) & (n >= q + 2) & jnp.all(var > 1e-12 * jnp.max(jnp.abs(ybar), -1, keepdims=True) ** 2 + 1e-300,
-                                                   -1)
+    sample_var = jnp.diagonal(cov, axis1=1, axis2=2)  # not tau^2, which `var` means elsewhere in this module
+    scatter = sample_var > 1e-12 * jnp.max(jnp.abs(ybar), -1, keepdims=True) ** 2 + 1e-300
+    use = (n_exact >= 2) & (n >= q + 2) & jnp.all(scatter, -1)
     cov = jnp.where(use[:, None, None], cov, jnp.eye(q))  # placeholders keep the unused branch finite
     cov = cov + jnp.eye(q) * 1e-12 * jnp.max(jnp.diagonal(cov, axis1=1, axis2=2), -1)[:, None, None]  # collinear methods
     chol = cholesky(cov / nf[:, None, None])  # covariance of ybar

@@ -324,8 +324,7 @@ def test_cli_fit_help_teaches_the_options():
     result = CliRunner().invoke(cli, ["fit", "--help"])
     assert result.exit_code == 0
     for word in ("--inference", "--inclusion", "--threshold", "--likelihood", "--hdi-prob", "--error-pooling", "--approx-only",
-                 "intrinsic",
-                 "Example"):
+                 "intrinsic", "Example"):
         assert word in result.output
 
 
