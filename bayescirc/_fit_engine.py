@@ -66,7 +66,7 @@ class Problem:
 
     @classmethod
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
-              exact_mask, error_pooling="type", approx_only="full", progress=False) -> Problem:
+              exact_mask, error_pooling="type", approx_only="mean", progress=False) -> Problem:
         by_type = error_pooling == "type" and n_types > 1
         data, _ = bm.edge_data(stats)
         data = replace(data, approx_mean_only=approx_only == "mean")

@@ -40,7 +40,7 @@ __all__ = ["fit", "FitWarning", "INFERENCES", "LIKELIHOODS", "INCLUSION_RULES", 
 INFERENCES = ("auto", "nuts", "svi")
 LIKELIHOODS = ("gaussian", "student-t")
 ERROR_POOLINGS = ("type", "method")
-APPROX_ONLY = ("full", "mean")
+APPROX_ONLY = ("auto", "full", "mean")
 INCLUSION_RULES = ("slab", "threshold")
 NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
 DRAWS = 1000  # default draws per chain
@@ -215,7 +215,7 @@ def hdi(draws: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
 def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: int | None = None, warmup: int | None = None,
         seed: int = 0, hdi_prob: float = 0.9, inclusion: str = "slab", threshold=None, likelihood: str = "gaussian",
         progress: bool = True, spike_sd: float = 0.0, svi_steps: int | None = None,
-        prior_scale: float | None = None, error_pooling: str = "type", approx_only: str = "full") -> FitResult:
+        prior_scale: float | None = None, error_pooling: str = "type", approx_only: str = "auto") -> FitResult:
     """Fit the hierarchical model to per-input edge scores.
 
     Parameters
@@ -263,15 +263,18 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         (``attn->attn<q>``, ``mlp->logits``, ...), partially pooled towards the
         method's values (a method's error differs by orders of magnitude
         between edge types on real models). ``method``: one set per method.
-    approx_only : {"full", "mean"}, default "full"
+    approx_only : {"auto", "full", "mean"}, default "auto"
         How inputs scored only by approximate methods enter the likelihood.
-        ``full``: each input through the model, so their scatter also informs
-        the edge's intrinsic SD ``tau`` (through its type's scale ``beta``).
-        ``mean``: for edges with exact inputs, their mean with its observed
-        standard error, so ``tau`` comes from the exact inputs; robust when an
-        edge's approximation scale differs from its type's, which on ioi-toy
-        inflated ``tau`` and put clear edges in the spike (README, stability).
-        Edges without exact inputs keep ``full``. Gaussian likelihood only.
+        ``mean``: for edges with 2+ exact inputs, their mean with its observed
+        standard error, so the intrinsic SD ``tau`` comes from the exact inputs
+        and the approximations inform the edge's mean. ``full``: each input
+        through the model, so their scatter also informs ``tau`` through the
+        type's approximation scale ``beta``; when an edge's own scale differs
+        from its type's (common on real models) that scatter inflates ``tau``
+        and can put a clear edge in the spike, and simulation-based calibration
+        of ``full`` finds ``tau`` over-estimated (README). Edges without 2
+        exact inputs always use ``full``. ``auto``: ``mean`` with the Gaussian
+        likelihood, ``full`` with Student-t (which needs every input).
 
     Returns
     -------
@@ -281,6 +284,8 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     _choice("likelihood", likelihood, LIKELIHOODS)
     _choice("error_pooling", error_pooling, ERROR_POOLINGS)
     _choice("approx_only", approx_only, APPROX_ONLY)
+    if approx_only == "auto":
+        approx_only = "mean" if likelihood == "gaussian" else "full"
     if approx_only == "mean" and likelihood != "gaussian":
         raise FitError(f"approx_only='mean' works with likelihood='gaussian' only (got {likelihood!r}): the "
                        "Student-t fit takes exact inputs from a separate table. Use one or the other.")

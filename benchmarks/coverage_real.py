@@ -48,8 +48,9 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--likelihood", default="gaussian")
     p.add_argument("--error-pooling", default="type", choices=["type", "method"],
                    help="approximation parameters per method x edge type (default) or per method")
-    p.add_argument("--approx-only", default="full", choices=["full", "mean"],
-                   help="approximate-only inputs through the model (default) or through their mean")
+    p.add_argument("--approx-only", default="auto", choices=["auto", "full", "mean"],
+                   help="fit's approx_only: auto (the default), full (approximate-only inputs through the model) "
+                        "or mean (through their mean)")
     a = p.parse_args(argv)
 
     from bayescirc.bridge import shipped_model

@@ -11,14 +11,23 @@ on normalised ranks give the p-values printed per parameter.
 
     python benchmarks/sbc.py --reps 100            # 13-edge graph, 1 chain x 297 draws thinned to 99 per fit
     python benchmarks/sbc.py --reps 100 --error-pooling method   # the per-method model
-    python benchmarks/sbc.py --reps 100 --approx-only mean       # approximate-only inputs through their mean
+    python benchmarks/sbc.py --reps 100 --approx-only full       # approximate-only inputs through the model
     python benchmarks/sbc.py --reps 20 --minutes 15
+    python benchmarks/sbc.py --reps 100 --start 60 > b.log   # continue a run stopped after 60 (a.log)
+    python benchmarks/sbc.py --combine a.log b.log            # one table from both logs (a later log wins a rep)
+
+A replication's ranks are not bit-reproducible across processes (NUTS
+trajectories amplify float summation-order differences), but each is an
+independent draw from the same SBC distribution, so logs of one setting
+combine.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import time
 import warnings
 from functools import partial
@@ -114,11 +123,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     parser.add_argument("--error-pooling", default="type", choices=["type", "method"],
                         help="approximation parameters per method x edge type (default) or per method")
-    parser.add_argument("--approx-only", default="full", choices=["full", "mean"],
-                        help="fit's approx_only: approximate-only inputs through the model (default) or their mean")
+    parser.add_argument("--approx-only", default="auto", choices=["auto", "full", "mean"],
+                        help="fit's approx_only: auto (the default, = mean here), full (approximate-only inputs "
+                             "through the model) or mean (through their mean)")
+    parser.add_argument("--combine", nargs="+", metavar="LOG",
+                        help="print the table from earlier runs' logs (same settings) instead of fitting")
     args = parser.parse_args()
-
-    from scipy import stats
+    if args.combine:
+        print_table(ranks_from_logs(args.combine), args.draws)
+        return
 
     from bayescirc.fitting import fit
 
@@ -144,16 +157,39 @@ def main() -> None:
         print(f"rep {rep + 1}: {time.time() - started:.0f} s; ranks {({k: v[-1] for k, v in ranks.items()})}", flush=True)
         if args.minutes and time.time() - started > 60 * args.minutes:
             break
+    print_table(ranks, args.draws)
+
+
+def ranks_from_logs(paths: list[str]) -> dict[str, list[int]]:
+    """Ranks per parameter from the ``rep N: ... ranks {...}`` lines of earlier runs' logs."""
+    by_rep: dict[int, dict[str, int]] = {}
+    for path in paths:
+        for line in open(path):
+            m = re.match(r"rep (\d+): .*?; ranks (\{.*\})\s*$", line)
+            if m:
+                by_rep[int(m.group(1))] = ast.literal_eval(m.group(2))
+    if not by_rep:
+        raise SystemExit(f"no 'rep N: ... ranks {{...}}' lines in {', '.join(paths)}")
+    ranks: dict[str, list[int]] = {}
+    for rep in sorted(by_rep):
+        for name, r in by_rep[rep].items():
+            ranks.setdefault(name, []).append(int(r))
+    return ranks
+
+
+def print_table(ranks: dict[str, list[int]], draws: int) -> None:
+    from scipy import stats
+
     n = len(next(iter(ranks.values())))
     bins = 5
-    print(f"\nSBC: {n} replications, {args.draws} draws each, ranks in 0..{args.draws}")
+    print(f"\nSBC: {n} replications, {draws} draws each, ranks in 0..{draws}")
     print("| parameter | chi-square p (5 bins) | KS p | rank counts per bin |")
     print("|---|---|---|---|")
     for name, r in ranks.items():
         r = np.asarray(r)
-        counts = np.histogram(r, bins=bins, range=(0, args.draws + 1))[0]
+        counts = np.histogram(r, bins=bins, range=(0, draws + 1))[0]
         chi = stats.chisquare(counts).pvalue
-        ks = stats.kstest((r + np.random.default_rng(0).uniform(size=n)) / (args.draws + 1), "uniform").pvalue
+        ks = stats.kstest((r + np.random.default_rng(0).uniform(size=n)) / (draws + 1), "uniform").pvalue
         print(f"| {name} | {chi:.3f} | {ks:.3f} | {', '.join(str(c) for c in counts)} |")
 
 

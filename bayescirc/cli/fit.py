@@ -11,8 +11,10 @@ def _print_summary(res, top: int) -> None:
     s = res.summary
     edges = res.edges.sort_values("inclusion_prob", ascending=False).head(top)
     click.echo(f"\n{s['n_edges']} edges, {s['n_inputs']} inputs, methods: "
-               f"{', '.join(([s['exact_method']] if s['exact_method'] else []) + s['methods'])}; "
-               f"{s['inference'].upper()}, {s['likelihood']} likelihood, inclusion rule: {s['inclusion_rule']}")
+               f"{', '.join(([s['exact_method']] if s['exact_method'] else []) + s['methods'])}\n"
+               f"{s['inference'].upper()}, {s['likelihood']} likelihood, inclusion rule: {s['inclusion_rule']}; "
+               f"approximation error pooled by {s['settings'].get('error_pooling', 'method')}; approximate-only "
+               f"inputs: {s['settings'].get('approx_only', 'full')}")
     hp = s["hdi_prob"]
     click.echo(f"\nTop {len(edges)} edges by inclusion probability (effect: posterior mean [{hp:.0%} HDI]; "
                f"if in the circuit: [{hp:.0%} HDI given the slab]; metric units):")
@@ -88,10 +90,11 @@ def _fmt(value, spec):
 @click.option("--error-pooling", type=click.Choice(["type", "method"]), default="type", show_default=True,
               help="Who shares approximation parameters: type = each method x edge type (attn->attn<q>, mlp->logits, "
                    "...), pooled towards the method's values; method = one set per method.")
-@click.option("--approx-only", type=click.Choice(["full", "mean"]), default="full", show_default=True,
-              help="Inputs scored only by approximate methods: full = each through the model (their scatter also "
-                   "informs tau); mean = their mean with its observed standard error, tau from the exact inputs "
-                   "(robust when an edge's approximation scale differs from its edge type's).")
+@click.option("--approx-only", type=click.Choice(["auto", "full", "mean"]), default="auto", show_default=True,
+              help="Inputs scored only by approximate methods: mean = their mean with its observed standard error, "
+                   "so tau comes from the exact inputs (calibrated in SBC; robust when an edge's approximation scale "
+                   "differs from its edge type's); full = each through the model, their scatter also informs tau; "
+                   "auto = mean, or full with --likelihood student-t.")
 @click.option("--top", default=15, show_default=True, help="Edges to list in the terminal summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclusion, threshold, likelihood, svi_steps,

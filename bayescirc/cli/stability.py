@@ -32,8 +32,8 @@ import click
               help="Inference of every Bayesian fit: auto = NUTS up to 5,000 edges, SVI above.")
 @click.option("--fit-error-pooling", type=click.Choice(["type", "method"]), default=None,
               help="--error-pooling of every Bayesian fit (see bayescirc fit --help). [default: the fit's, type]")
-@click.option("--fit-approx-only", type=click.Choice(["full", "mean"]), default=None,
-              help="--approx-only of every Bayesian fit (see bayescirc fit --help). [default: the fit's, full]")
+@click.option("--fit-approx-only", type=click.Choice(["auto", "full", "mean"]), default=None,
+              help="--approx-only of every Bayesian fit (see bayescirc fit --help). [default: the fit's, auto]")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
