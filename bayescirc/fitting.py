@@ -279,6 +279,13 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     Returns
     -------
     FitResult
+
+    Notes
+    -----
+    ``fit`` turns on JAX's 64-bit mode (``jax_enable_x64``) for the whole
+    process: the closed-form evidences need double precision. JAX code run
+    afterwards in the same process (a NumPyro model of your own, say) then
+    works in float64 by default, and draws its random numbers in float64.
     """
     _choice("inference", inference, INFERENCES)
     _choice("likelihood", likelihood, LIKELIHOODS)
