@@ -354,80 +354,99 @@ def _t_conditionals(key, data, grid, g, tau_mean, tau_spread, table, threshold=N
 
 
 def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: float | None,
-               progress: bool = False, keep_delta_max: float = 5e7) -> dict:
-    """Per-edge draws for every posterior draw of the globals, plus running sums for the error summaries."""
+               progress: bool = False, keep_delta_max: float = 5e7, per_global: int = 1) -> dict:
+    """Per-edge draws for every posterior draw of the globals, plus running sums for the error summaries.
+
+    ``per_global`` > 1 (Gaussian likelihood): the first ceil(draws / per_global)
+    draws of the globals each get ``per_global`` per-edge draws, which share
+    that draw's grid weights (every edge's evidence at every grid point, the
+    costly part); ``res["samples"]`` then holds the globals repeated to match.
+    A valid posterior sample for independent draws of the globals (SVI's);
+    at large graphs, where the globals are pinned down, it costs ~1/3 as much.
+    """
     from tqdm.auto import tqdm
 
     samples = result.samples
     C, D = next(iter(samples.values())).shape[:2]
-    flat = {k: jnp.asarray(v.reshape(C * D, *v.shape[2:])) for k, v in samples.items()}
+    N = C * D
+    R = max(1, int(per_global)) if problem.student_t is None else 1
+    K = -(-N // R)  # distinct draws of the globals used
+    flat = {k: jnp.asarray(v.reshape(N, *v.shape[2:])[:K]) for k, v in samples.items()}
     E = problem.data.n_edges
     M = problem.data.n_methods
     G = problem.grid.log_tau.shape[1]
 
-    def one(key, sample, data, grid, type_idx, layer_idx, scale, table):
+    def one(keys, sample, data, grid, type_idx, layer_idx, scale, table):
         g = _globals(sample, problem, scale)
         tm, ts = _tau_prior(sample, type_idx, layer_idx)
-        if table is None:
-            out = bm.edge_conditionals(key, data, grid, g, tm, ts, threshold=threshold)
-            out["df"] = jnp.asarray(jnp.inf)
+        if table is not None:
+            out = _t_conditionals(keys[0], data, grid, g, tm, ts, table, threshold=threshold)
+        elif R == 1:
+            out = bm.edge_conditionals(keys[0], data, grid, g, tm, ts, threshold=threshold)
         else:
-            out = _t_conditionals(key, data, grid, g, tm, ts, table, threshold=threshold)
+            out = bm.edge_conditionals_repeated(keys, data, grid, g, tm, ts, threshold=threshold)
+        if R == 1:
+            out = {k: v[None] for k, v in out.items()}
+        out["df"] = jnp.full((R,), out["df"][0] if "df" in out else jnp.inf)
         if M:
             alpha, beta, sigma, _ = bm.method_params(g, data)  # (E, M)
-            err = alpha + (beta - 1) * out["mu"][:, None] + out["delta"]
+            err = alpha + (beta - 1) * out["mu"][..., None] + out["delta"]  # (R, E, M)
             out["err"] = err
-            out["err_sd"] = jnp.sqrt((beta - 1) ** 2 * out["tau"][:, None] ** 2 + sigma**2)
-            out["intr"] = beta**2 * out["tau"][:, None] ** 2
-            out["sig2"] = sigma**2
+            out["err_sd"] = jnp.sqrt((beta - 1) ** 2 * out["tau"][..., None] ** 2 + sigma**2)
+            out["intr"] = beta**2 * out["tau"][..., None] ** 2
+            out["sig2"] = jnp.broadcast_to(sigma**2, err.shape)
         return out
 
-    per_draw = E * G * (1 + M) ** 2 * 8 * 8
+    per_draw = E * G * (1 + M) ** 2 * 8 * 8 + (R - 1) * E * (1 + M) ** 2 * 8 * 8 * 3
     if problem.student_t is not None:
         per_draw += problem.student_t.log_lik.size * 8 * 3
-    chunk = int(max(1, min(C * D, 4e8 // per_draw)))
+    chunk = int(max(1, min(K, 4e8 // per_draw)))
     batched = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None, None)))
     args = problem.args
 
     def fn(k, smp):
         return batched(k, smp, *args)
 
-    keys = jax.random.split(jax.random.PRNGKey(seed + 7919), C * D)
-    keep_delta = M and C * D * E * M <= keep_delta_max
-    mu = np.zeros((C * D, E), np.float32)
-    mu_slab = np.zeros((C * D, E), np.float32)
-    tau = np.zeros((C * D, E), np.float32)
-    inc = np.zeros((C * D, E), np.float32)
-    df = np.zeros(C * D)
-    delta = np.zeros((C * D, E, M), np.float32) if keep_delta else None
+    keys = jax.random.split(jax.random.PRNGKey(seed + 7919), K * R).reshape(K, R, -1)
+    keep_delta = M and N * E * M <= keep_delta_max
+    mu = np.zeros((N, E), np.float32)
+    mu_slab = np.zeros((N, E), np.float32)
+    tau = np.zeros((N, E), np.float32)
+    inc = np.zeros((N, E), np.float32)
+    df = np.zeros(N)
+    delta = np.zeros((N, E, M), np.float32) if keep_delta else None
     acc = {k: np.zeros((E, M)) for k in ("err", "err2", "err_sd", "intr", "sig2")}
-    bar = tqdm(total=C * D, desc="edge draws", unit="draw", disable=not progress)
-    for s in range(0, C * D, chunk):
-        sl = slice(s, min(C * D, s + chunk))
-        n_here = sl.stop - sl.start
-        pad = np.r_[np.arange(sl.start, sl.stop), np.full(chunk - n_here, sl.start)]  # one shape: one compilation
-        out = {k: v[:n_here] for k, v in fn(keys[pad], {k: v[pad] for k, v in flat.items()}).items()}
-        mu[sl] = np.asarray(out["mu"])
-        mu_slab[sl] = np.asarray(out["mu_slab"])
-        tau[sl] = np.asarray(out["tau"])
-        inc[sl] = np.asarray(out["inclusion"])
-        df[sl] = np.asarray(out["df"])
+    bar = tqdm(total=N, desc="edge draws", unit="draw", disable=not progress)
+    for s in range(0, K, chunk):
+        n_here = min(K, s + chunk) - s
+        pad = np.r_[np.arange(s, s + n_here), np.full(chunk - n_here, s)]  # one shape: one compilation
+        sl = slice(s * R, min(N, (s + n_here) * R))
+        n_draws = sl.stop - sl.start
+        out = {k: np.asarray(v[:n_here]).reshape(n_here * R, *v.shape[2:])[:n_draws]
+               for k, v in fn(keys[pad], {k: v[pad] for k, v in flat.items()}).items()}
+        mu[sl] = out["mu"]
+        mu_slab[sl] = out["mu_slab"]
+        tau[sl] = out["tau"]
+        inc[sl] = out["inclusion"]
+        df[sl] = out["df"]
         if M:
-            err = np.asarray(out["err"])
+            err = out["err"]
             acc["err"] += err.sum(0)
             acc["err2"] += (err**2).sum(0)
-            acc["err_sd"] += np.asarray(out["err_sd"]).sum(0)
-            acc["intr"] += np.asarray(out["intr"]).sum(0)
-            acc["sig2"] += np.asarray(out["sig2"]).sum(0)
+            acc["err_sd"] += out["err_sd"].sum(0)
+            acc["intr"] += out["intr"].sum(0)
+            acc["sig2"] += out["sig2"].sum(0)
             if keep_delta:
-                delta[sl] = np.asarray(out["delta"])
-        bar.update(sl.stop - sl.start)
+                delta[sl] = out["delta"]
+        bar.update(n_draws)
     bar.close()
-    n = C * D
     shape = (C, D)
     res = {"mu": mu.reshape(*shape, E), "mu_slab": mu_slab.reshape(*shape, E), "tau": tau.reshape(*shape, E), "inclusion": inc.reshape(*shape, E),
            "delta": None if delta is None else delta.reshape(*shape, E, M), "df": df.reshape(shape),
-           **{k: v / n for k, v in acc.items()}}
+           **{k: v / N for k, v in acc.items()}}
+    if R > 1:
+        res["samples"] = {k: np.repeat(v.reshape(N, *v.shape[2:])[:K], R, axis=0)[:N].reshape(v.shape)
+                          for k, v in samples.items()}
     return res
 
 

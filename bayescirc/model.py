@@ -733,9 +733,26 @@ def edge_conditionals(key, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, 
     | data, globals), and ``mu_slab`` (E,): a draw of mu given that the edge
     is in the slab (tau drawn from its slab-conditional posterior).
     """
-    k_tau, k_jit, k_ind, k_u, k_slab = jax.random.split(key, 5)
     grid = placed_grid(grid, tau_mean, tau_spread)
-    log_w, log_spike, log_slab = grid_log_weights(data, grid, g, tau_mean, tau_spread)
+    weights = grid_log_weights(data, grid, g, tau_mean, tau_spread)
+    return _edge_sample(key, data, grid, g, *weights, threshold=threshold)
+
+
+def edge_conditionals_repeated(keys, data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_spread, threshold=None):
+    """``len(keys)`` draws of :func:`edge_conditionals` for one draw of the globals.
+
+    The grid weights (the costly part: every edge's evidence at every grid
+    point) depend on the globals only, so they are computed once and shared by
+    the draws. Each output gains a leading axis of ``len(keys)``.
+    """
+    grid = placed_grid(grid, tau_mean, tau_spread)
+    weights = grid_log_weights(data, grid, g, tau_mean, tau_spread)
+    return jax.vmap(lambda k: _edge_sample(k, data, grid, g, *weights, threshold=threshold))(keys)
+
+
+def _edge_sample(key, data: EdgeData, grid: TauGrid, g: Globals, log_w, log_spike, log_slab, threshold=None):
+    """The draws of :func:`edge_conditionals` given its grid weights (``grid`` already placed)."""
+    k_tau, k_jit, k_ind, k_u, k_slab = jax.random.split(key, 5)
     E, G = log_w.shape
     M = data.n_methods
     gi = jax.random.categorical(k_tau, log_w, axis=-1)  # (E,)

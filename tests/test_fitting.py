@@ -161,12 +161,29 @@ def test_svi_subsamples_edges_on_large_graphs(tiny, monkeypatch):
     """Above SVI_EDGE_BATCH edges SVI sees a random edge minibatch per step (GPT-2 scale); shrink it to run here."""
     from bayescirc import _fit_engine
 
+    full = quiet_fit(tiny.scores, **FAST)
     monkeypatch.setattr(_fit_engine, "SVI_EDGE_BATCH", 5)
     res = quiet_fit(tiny.scores, **FAST)
     assert np.isfinite(res.edges[["effect_mean", "inclusion_prob", "effect_sd"]].to_numpy()).all()
     assert np.isfinite(res.summary["diagnostics"]["svi_final_loss"])
-    full = quiet_fit(tiny.scores, **FAST)
     assert np.corrcoef(res.edges["effect_mean"], full.edges["effect_mean"])[0, 1] > 0.95
+
+
+def test_large_svi_fits_share_each_draw_of_the_globals_among_several_per_edge_draws(tiny, monkeypatch):
+    """Above NUTS_MAX_EDGES each SVI draw of the globals serves 5 per-edge draws; shrink the limit to run here."""
+    from bayescirc import fitting
+
+    one_each = quiet_fit(tiny.scores, **FAST)
+    monkeypatch.setattr(fitting, "NUTS_MAX_EDGES", 5)
+    shared = quiet_fit(tiny.scores, **FAST)
+    beta = shared.idata.posterior["beta"].values[0]  # (draws, ...): each distinct draw 5 times in a row
+    assert beta.shape[0] == 200 and len(np.unique(beta[:, 0])) == 40
+    np.testing.assert_array_equal(beta[:5], np.repeat(beta[:1], 5, axis=0))
+    assert len(np.unique(shared.idata.posterior["mu"].values[0, :5, 0])) > 1  # the per-edge draws differ
+    # the same posterior: per-edge summaries agree within Monte-Carlo error
+    np.testing.assert_allclose(shared.edges["inclusion_prob"], one_each.edges["inclusion_prob"], atol=0.1)
+    scale = one_each.edges["effect_sd"].to_numpy() + 1e-3
+    assert np.max(np.abs(shared.edges["effect_mean"] - one_each.edges["effect_mean"]) / scale) < 0.5
 
 
 def test_approximate_scores_only_warns_loudly_that_errors_rest_on_priors():

@@ -17,6 +17,7 @@ from bayescirc.model import (  # noqa: E402
     StudentTTable,
     TauGrid,
     edge_conditionals,
+    edge_conditionals_repeated,
     edge_data,
     edge_log_marginal,
     gaussian_evidence,
@@ -185,6 +186,21 @@ def test_conditional_draws_of_mu_match_the_exact_posterior(tmp_path, rng):
     post_cov = V - V @ H.T @ np.linalg.solve(prior_cov, H @ V)
     assert float(np.mean(draws)) == pytest.approx(gain[0], abs=4 * np.sqrt(post_cov[0, 0] / 4000))
     assert float(np.std(draws)) == pytest.approx(np.sqrt(post_cov[0, 0]), rel=0.05)
+
+
+def test_repeated_draws_for_one_draw_of_the_globals_are_the_single_draws_key_by_key(tmp_path, rng):
+    """Sharing the grid weights among several per-edge draws changes the cost, not the draws."""
+    table = per_input_table(rng, n_exact=4, n_edges=3)
+    data, _ = edge_data(stats_of(table, tmp_path))
+    g = globals_(2, rng)
+    grid = TauGrid(log_tau=np.log(np.array([[0.3, 0.6, 1.2]] * 3)), step=np.full(3, np.log(2.0)))
+    tm, ts = jnp.zeros(3), 1.0
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    together = edge_conditionals_repeated(keys, data, grid, g, tm, ts)
+    for i, key in enumerate(keys):
+        alone = edge_conditionals(key, data, grid, g, tm, ts)
+        for name, value in alone.items():
+            np.testing.assert_allclose(np.asarray(together[name][i]), np.asarray(value), rtol=1e-10, atol=1e-12)
 
 
 def test_student_t_evidence_matches_numerical_integration(rng):
