@@ -379,15 +379,12 @@ def edge_draws(problem: Problem, result: InferenceResult, seed: int, threshold: 
     def one(keys, sample, data, grid, type_idx, layer_idx, scale, table):
         g = _globals(sample, problem, scale)
         tm, ts = _tau_prior(sample, type_idx, layer_idx)
-        if table is not None:
-            out = _t_conditionals(keys[0], data, grid, g, tm, ts, table, threshold=threshold)
-        elif R == 1:
-            out = bm.edge_conditionals(keys[0], data, grid, g, tm, ts, threshold=threshold)
-        else:
+        if table is None:  # (R, ...) outputs
             out = bm.edge_conditionals_repeated(keys, data, grid, g, tm, ts, threshold=threshold)
-        if R == 1:
-            out = {k: v[None] for k, v in out.items()}
-        out["df"] = jnp.full((R,), out["df"][0] if "df" in out else jnp.inf)
+            out["df"] = jnp.full((R,), jnp.inf)
+        else:  # R == 1
+            out = {k: v[None] for k, v in _t_conditionals(keys[0], data, grid, g, tm, ts, table,
+                                                          threshold=threshold).items()}
         if M:
             alpha, beta, sigma, _ = bm.method_params(g, data)  # (E, M)
             err = alpha + (beta - 1) * out["mu"][..., None] + out["delta"]  # (R, E, M)

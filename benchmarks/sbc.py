@@ -167,10 +167,11 @@ def ranks_from_logs(paths: list[str]) -> dict[str, list[int]]:
     """Ranks per parameter from the ``rep N: ... ranks {...}`` lines of earlier runs' logs."""
     by_rep: dict[int, dict[str, int]] = {}
     for path in paths:
-        for line in open(path):
-            m = re.match(r"rep (\d+): .*?; ranks (\{.*\})\s*$", line)
-            if m:
-                by_rep[int(m.group(1))] = ast.literal_eval(m.group(2))
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"rep (\d+): .*?; ranks (\{.*\})\s*$", line)
+                if m:
+                    by_rep[int(m.group(1))] = ast.literal_eval(m.group(2))
     if not by_rep:
         raise SystemExit(f"no 'rep N: ... ranks {{...}}' lines in {', '.join(paths)}")
     ranks: dict[str, list[int]] = {}
