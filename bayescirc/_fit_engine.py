@@ -21,7 +21,9 @@ from .model import Globals
 
 SVI_LOSS_POINTS = 200
 MAP_EDGES = 600  # edges used to locate the mode of the globals before the grids are refined
-SVI_EDGE_BATCH = 2000  # SVI subsamples this many edges per step above that size
+SVI_EDGE_BATCH = 500  # SVI subsamples this many edges per step above that size (with a control variate)
+SVI_PARTICLES = 2  # draws from the guide per SVI step
+SVI_LR = 0.005  # Adam step size of SVI
 
 
 @dataclass
@@ -192,7 +194,8 @@ def still_falling(losses: np.ndarray, window: int) -> bool:
     return bool(before - last > 1e-3 * max(1.0, abs(last)) + noise)
 
 
-def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_at_plateau: bool = False):
+def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_at_plateau: bool = False,
+               reanchor=None):
     """Run ``steps`` SVI updates in compiled chunks, the data passed as arguments (not baked into the program).
 
     With ``stop_at_plateau``, stop early once at least :data:`SVI_MIN_STEPS`
@@ -200,6 +203,8 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
     :data:`SVI_WINDOW` steps): more steps of a constant-rate optimiser then
     only jitter the guide. (Measured at GPT-2 scale: stopped at 1,000 steps,
     the same answer as 3,000 to 3 decimals; 100 steps there cost ~0.35 s.)
+    ``reanchor(state)``, when given, returns the arguments for the next chunk
+    (the control variate moved to the guide's current median).
     """
     from tqdm.auto import tqdm
 
@@ -209,7 +214,9 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
     fn = jax.jit(chunk)
     losses = []
     bar = tqdm(total=steps, desc="svi", unit="step", disable=not progress)
-    for _ in range(math.ceil(steps / SVI_CHUNK)):
+    for i in range(math.ceil(steps / SVI_CHUNK)):
+        if reanchor is not None and i and not i & (i - 1):  # after chunks 1, 2, 4, 8, ...: the guide settles
+            args = reanchor(state)
         state, loss = fn(state, args)
         losses.append(np.asarray(loss))
         bar.update(SVI_CHUNK)
@@ -294,14 +301,25 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
         stats = {"diverging": np.asarray(extra["diverging"]), "energy": np.asarray(extra["energy"]),
                  "n_steps": np.asarray(extra["num_steps"])}
         return InferenceResult(samples=samples, sample_stats=stats, svi_loss=None)
-    if problem.data.n_edges > SVI_EDGE_BATCH and problem.student_t is None:
+    subsample = problem.data.n_edges > SVI_EDGE_BATCH and problem.student_t is None
+    anchored = None
+    if subsample:
         model = replace(problem, edge_batch=SVI_EDGE_BATCH).model
+
+        base = args
+
+        def anchored(values):  # the model's arguments with a control variate anchored at ``values``
+            return (*base, bm.control_variate(values, problem.data, problem.grid, problem.type_idx, problem.layer_idx,
+                                              problem.scale, problem.spike_sd))
+
+        args = anchored(problem.map_values)
     n_latent = sum(int(np.size(v)) for v in problem.map_values.values())
     guide_cls = AutoMultivariateNormal if n_latent <= 200 else AutoLowRankMultivariateNormal
     guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values), init_scale=0.01)
-    svi = SVI(model, guide, numpyro.optim.Adam(0.005), _FixedOrderELBO(num_particles=2))
+    svi = SVI(model, guide, numpyro.optim.Adam(SVI_LR), _FixedOrderELBO(num_particles=SVI_PARTICLES))
     state = svi.init(key, *args)
-    state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True)
+    reanchor = None if anchored is None else (lambda st: anchored(guide.median(svi.get_params(st))))
+    state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True, reanchor=reanchor)
     params = svi.get_params(state)
     samples = guide.sample_posterior(jax.random.fold_in(key, 1), params, *args, sample_shape=(chains * draws,))
     samples = {k: np.asarray(v)[None] for k, v in samples.items() if k in problem.map_values or k in ("type_z", "layer_z")}
