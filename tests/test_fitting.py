@@ -170,16 +170,17 @@ def test_svi_subsamples_edges_on_large_graphs(tiny, monkeypatch):
 
 
 def test_large_svi_fits_share_each_draw_of_the_globals_among_several_per_edge_draws(tiny, monkeypatch):
-    """Above NUTS_MAX_EDGES each SVI draw of the globals serves 5 per-edge draws; shrink the limit to run here."""
+    """Above NUTS_MAX_EDGES each SVI draw of the globals serves several per-edge draws; shrink the limit to run here."""
     from bayescirc import fitting
 
     one_each = quiet_fit(tiny.scores, **FAST)
     monkeypatch.setattr(fitting, "NUTS_MAX_EDGES", 5)
     shared = quiet_fit(tiny.scores, **FAST)
-    beta = shared.idata.posterior["beta"].values[0]  # (draws, ...): each distinct draw 5 times in a row
-    assert beta.shape[0] == 200 and len(np.unique(beta[:, 0])) == 40
-    np.testing.assert_array_equal(beta[:5], np.repeat(beta[:1], 5, axis=0))
-    assert len(np.unique(shared.idata.posterior["mu"].values[0, :5, 0])) > 1  # the per-edge draws differ
+    R = fitting.SVI_EDGE_DRAWS_PER_GLOBAL
+    beta = shared.idata.posterior["beta"].values[0]  # (draws, ...): each distinct draw R times in a row
+    assert beta.shape[0] == 200 and len(np.unique(beta[:, 0])) == 200 // R
+    np.testing.assert_array_equal(beta[:R], np.repeat(beta[:1], R, axis=0))
+    assert len(np.unique(shared.idata.posterior["mu"].values[0, :R, 0])) > 1  # the per-edge draws differ
     # the same posterior: per-edge summaries agree within Monte-Carlo error
     np.testing.assert_allclose(shared.edges["inclusion_prob"], one_each.edges["inclusion_prob"], atol=0.1)
     scale = one_each.edges["effect_sd"].to_numpy() + 1e-3

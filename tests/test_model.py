@@ -188,19 +188,29 @@ def test_conditional_draws_of_mu_match_the_exact_posterior(tmp_path, rng):
     assert float(np.std(draws)) == pytest.approx(np.sqrt(post_cov[0, 0]), rel=0.05)
 
 
-def test_repeated_draws_for_one_draw_of_the_globals_are_the_single_draws_key_by_key(tmp_path, rng):
-    """Sharing the grid weights among several per-edge draws changes the cost, not the draws."""
+def test_repeated_draws_pick_grid_points_with_their_posterior_probabilities(tmp_path, rng):
+    """Draws that share one draw of the globals are independent draws of tau from its grid posterior."""
     table = per_input_table(rng, n_exact=4, n_edges=3)
     data, _ = edge_data(stats_of(table, tmp_path))
     g = globals_(2, rng)
-    grid = TauGrid(log_tau=np.log(np.array([[0.3, 0.6, 1.2]] * 3)), step=np.full(3, np.log(2.0)))
-    tm, ts = jnp.zeros(3), 1.0
-    keys = jax.random.split(jax.random.PRNGKey(1), 5)
-    together = edge_conditionals_repeated(keys, data, grid, g, tm, ts)
-    for i, key in enumerate(keys):
-        alone = edge_conditionals(key, data, grid, g, tm, ts)
-        for name, value in alone.items():
-            np.testing.assert_allclose(np.asarray(together[name][i]), np.asarray(value), rtol=1e-10, atol=1e-12)
+    g.pi = jnp.asarray(0.4)
+    log_tau = np.log(np.array([[0.3, 0.6, 1.2]] * 3))
+    grid = TauGrid(log_tau=log_tau, step=np.full(3, np.log(2.0)))
+    tm, ts = jnp.array([-0.5, 0.0, 0.5]), 1.0
+    n = 4000
+    draws = edge_conditionals_repeated(jax.random.split(jax.random.PRNGKey(1), n), data, grid, g, tm, ts)
+    # reference: prior x evidence at each grid point, from edge_log_marginal
+    log_spike, log_slab = (np.asarray(x) for x in edge_log_marginal(data, np.exp(2 * log_tau), g))
+    pi = float(g.pi)
+    log_w = (stats.norm.logpdf(log_tau, np.asarray(tm)[:, None], ts) + np.log(2.0)
+             + np.logaddexp(np.log1p(-pi) + log_spike, np.log(pi) + log_slab))
+    prob = np.exp(log_w - log_w.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    picked = np.abs(np.log(np.asarray(draws["tau"]))[:, :, None] - log_tau[None]).argmin(-1)  # jitter < half a cell
+    freq = (picked[:, :, None] == np.arange(3)).mean(0)
+    assert np.all(np.abs(freq - prob) <= 4 * np.sqrt(prob * (1 - prob) / n) + 1e-12)
+    p_slab = 1 / (1 + np.exp(np.log1p(-pi) + log_spike - np.log(pi) - log_slab))
+    np.testing.assert_allclose(np.asarray(draws["inclusion"][0]), (prob * p_slab).sum(1), rtol=1e-8)
 
 
 def test_student_t_evidence_matches_numerical_integration(rng):
