@@ -55,6 +55,19 @@ def tiny_fit(tiny, tmp_path_factory):
 # --- small pure pieces -------------------------------------------------------------------------
 
 
+def test_the_map_subset_holds_every_group_however_rare():
+    from bayescirc._fit_engine import map_subset
+
+    rng = np.random.default_rng(0)
+    types = np.r_[np.zeros(5000, int), [1], np.full(3, 2)]  # one common type, two rare ones
+    layers = np.arange(len(types)) % 7
+    sub = map_subset(len(types), 100, (types, layers), rng, per_group=4)
+    assert len(sub) >= 100 and np.all(np.diff(sub) > 0)
+    assert set(types[sub]) == {0, 1, 2} and (types[sub] == 2).sum() == 3  # all of a small group
+    assert np.bincount(layers[sub]).min() >= 4
+    assert np.array_equal(map_subset(50, 100, (types[:50],), rng), np.arange(50))
+
+
 def test_hdi_of_a_normal_sample_is_its_central_interval(rng):
     x = rng.normal(size=(20000, 2)) * [1.0, 3.0]
     low, high = hdi(x, 0.9)
