@@ -328,7 +328,6 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
                  "n_steps": np.asarray(extra["num_steps"])}
         return InferenceResult(samples=samples, sample_stats=stats, svi_loss=None)
     subsample = problem.data.n_edges > SVI_EDGE_BATCH and problem.student_t is None
-    anchored = None
     if subsample:
         model = replace(problem, edge_batch=SVI_EDGE_BATCH).model
         base = args
@@ -344,7 +343,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
                       init_scale=SVI_INIT_SCALE_SUBSAMPLED if subsample else SVI_INIT_SCALE)
     svi = SVI(model, guide, numpyro.optim.Adam(SVI_LR), _FixedOrderELBO(num_particles=SVI_PARTICLES))
     state = svi.init(key, *args)
-    reanchor = None if anchored is None else (lambda st: anchored(guide.median(svi.get_params(st))))
+    reanchor = (lambda st: anchored(guide.median(svi.get_params(st)))) if subsample else None
     state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True, reanchor=reanchor)
     params = svi.get_params(state)
     samples = guide.sample_posterior(jax.random.fold_in(key, 1), params, *args, sample_shape=(chains * draws,))

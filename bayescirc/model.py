@@ -482,11 +482,15 @@ def edge_log_marginal(data: EdgeData, var, g: Globals):
     integrated out analytically.
     """
     A, b, c = quadratic_terms(data, var, g)
+    log_spike, log_slab = (evidence_terms(A, b, c, sd) for sd in _component_sds(g, data))
+    return jnp.broadcast_to(log_spike, var.shape), jnp.broadcast_to(log_slab, var.shape)
+
+
+def _component_sds(g: Globals, data: EdgeData) -> tuple[list, list]:
+    """Prior SDs of ``u = (mu, delta)`` under spike and under slab, as entry lists for :func:`evidence_terms`."""
     om = method_params(g, data)[3]
     omega = [om[:, m][:, None] for m in range(data.n_methods)]
-    log_spike = evidence_terms(A, b, c, [jnp.asarray(g.spike_sd, float)] + omega)
-    log_slab = evidence_terms(A, b, c, [g.slab_sd] + omega)
-    return jnp.broadcast_to(log_spike, var.shape), jnp.broadcast_to(log_slab, var.shape)
+    return [jnp.asarray(g.spike_sd, float)] + omega, [g.slab_sd] + omega
 
 
 # --- the tau grid -----------------------------------------------------------------------------
@@ -548,14 +552,23 @@ def grid_log_weights(data: EdgeData, grid: TauGrid, g: Globals, tau_mean, tau_sp
     the mixture over spike and slab and the inclusion rate ``pi``.
     """
     log_mix, log_spike, log_slab = _log_mix(data, grid, g)
-    log_prior = dist.Normal(tau_mean[:, None], tau_spread).log_prob(grid.log_tau) + jnp.log(grid.step)[:, None]
-    return log_prior + log_mix, log_spike, log_slab
+    return _log_tau_prior(grid, tau_mean, tau_spread) + log_mix, log_spike, log_slab
+
+
+def _log_tau_prior(grid: TauGrid, tau_mean, tau_spread):
+    """log of [prior(log tau) * spacing] at each point of a placed grid, (E, G)."""
+    return dist.Normal(tau_mean[:, None], tau_spread).log_prob(grid.log_tau) + jnp.log(grid.step)[:, None]
 
 
 def _log_mix(data: EdgeData, grid: TauGrid, g: Globals):
     """Per grid point: log of the spike/slab mixture likelihood, and its two parts, each (E, G)."""
     log_spike, log_slab = edge_log_marginal(data, jnp.exp(2 * grid.log_tau), g)
-    return jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab), log_spike, log_slab
+    return _mixture(g, log_spike, log_slab), log_spike, log_slab
+
+
+def _mixture(g: Globals, log_spike, log_slab):
+    """log[(1 - pi) p(data | spike) + pi p(data | slab)]."""
+    return jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
 
 
 def refine_grid(data: EdgeData, grid: TauGrid, g: Globals, points: int = 11, width: float = 5.0,
@@ -861,13 +874,11 @@ def evidence_factors(data: EdgeData, grid: TauGrid, g: Globals) -> EvidenceFacto
     """:func:`edge_log_marginal` on a placed grid, keeping what a draw of ``u`` at any grid point needs."""
     var = jnp.exp(2 * grid.log_tau)
     A, b, c = quadratic_terms(data, var, g)
-    om = method_params(g, data)[3]
     E, G = var.shape
     K = 1 + data.n_methods
     full = partial(jnp.broadcast_to, shape=(E, G))
     out = []
-    for mu_sd in (jnp.asarray(g.spike_sd, float), g.slab_sd):
-        sd = [mu_sd] + [om[:, m][:, None] for m in range(data.n_methods)]
+    for sd in _component_sds(g, data):
         log_z, L, z = _evidence_entries(A, b, c, sd)
         zero = jnp.zeros((E, G))
         chol = jnp.stack([jnp.stack([full(L[i][j]) if j <= i else zero for j in range(K)], -1) for i in range(K)], -2)
@@ -901,9 +912,7 @@ def edge_conditionals_repeated(keys, data: EdgeData, grid: TauGrid, g: Globals, 
     """
     grid = placed_grid(grid, tau_mean, tau_spread)
     f = evidence_factors(data, grid, g)
-    log_spike, log_slab = f.log_z
-    log_mix = jnp.logaddexp(jnp.log1p(-g.pi) + log_spike, jnp.log(g.pi) + log_slab)
-    log_w = dist.Normal(tau_mean[:, None], tau_spread).log_prob(grid.log_tau) + jnp.log(grid.step)[:, None] + log_mix
+    log_w = _log_tau_prior(grid, tau_mean, tau_spread) + _mixture(g, *f.log_z)
     return jax.vmap(lambda k: _edge_sample(k, grid, g, log_w, f, threshold=threshold))(keys)
 
 
@@ -916,8 +925,8 @@ def _edge_sample(key, grid: TauGrid, g: Globals, log_w, f: EvidenceFactors, thre
     gi = _categorical(k_tau, log_w)  # (E,)
     jitter = (jax.random.uniform(k_jit, (E,)) - 0.5) * grid.step
     log_tau = jnp.asarray(grid.log_tau)[rows, gi] + jitter  # u is drawn at the grid point (its exact conditional there)
-    log_spike, log_slab = f.log_z[:, rows, gi]
-    p_slab_here = jax.nn.sigmoid(jnp.log(g.pi) + log_slab - jnp.log1p(-g.pi) - log_spike)
+    log_cond_slab = jax.nn.log_sigmoid(jnp.log(g.pi) + f.log_z[1] - jnp.log1p(-g.pi) - f.log_z[0])  # P(slab | tau point)
+    p_slab_here = jnp.exp(log_cond_slab[rows, gi])
     slab = jax.random.uniform(k_ind, (E,)) < p_slab_here
     eps = jax.random.normal(k_u, (E, K))
     chol, z = f.chol[:, rows, gi], f.z[:, rows, gi]  # (2, E, ...)
@@ -925,7 +934,6 @@ def _edge_sample(key, grid: TauGrid, g: Globals, log_w, f: EvidenceFactors, thre
     u = jnp.where(slab[:, None], u1, u0)
     # Rao-Blackwellised inclusion: tau integrated over its grid posterior
     post = jax.nn.softmax(log_w, axis=-1)
-    log_cond_slab = jax.nn.log_sigmoid(jnp.log(g.pi) + f.log_z[1] - jnp.log1p(-g.pi) - f.log_z[0])  # P(slab | tau point)
     if threshold is None:
         inclusion = jnp.sum(post * jnp.exp(log_cond_slab), -1)
     else:
