@@ -292,6 +292,7 @@ def test_approximation_error_is_learnt_per_edge_type():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=120, n_exact=30, methods={"eap": TYPED_EAP}, decoy_fraction=0.0,
                    seed=3)
     res = quiet_fit(sim.scores, inference="nuts", chains=1, draws=300, progress=False)
+    assert res.summary["settings"]["nuts_mass_matrix"] == "diagonal"  # ~60 globals: see NUTS_DENSE_MASS_MAX_GLOBALS
     post = res.idata.posterior
     for edge_type, scale, noise in [(Q_EDGES, 0.1, 0.02), (LOGIT_EDGES, 1.5, 0.6), ("attn->mlp", 0.8, 0.2)]:
         cell = {"edge_type": edge_type, "method": "eap"}  # a dict: .sel's own keyword is `method`
@@ -441,3 +442,31 @@ def test_heavy_tailed_inputs_are_detected_and_fitted_by_the_student_t_variant():
 
 def test_fit_errors_are_user_errors():
     assert issubclass(FitError, BayescircError)
+
+
+def _fresh_python(code: str, xla_flags: str | None = None) -> str:
+    """stdout of ``code`` run in a new interpreter (JAX not yet started there), XLA_FLAGS as given."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()
+
+
+def test_nuts_chains_get_a_cpu_device_each_when_jax_has_not_started_yet():
+    import os
+
+    cores = os.cpu_count() or 1
+    check = ("import jax; from bayescirc.fitting import cpu_devices_for_chains as f; {before}"
+             "print(f(2), jax.local_device_count(), f(4))")
+    fresh = _fresh_python(check.format(before=""))
+    assert fresh == ([str(cores >= 2), str(min(2, cores)), "False"])  # a second call cannot change the count
+    assert _fresh_python(check.format(before="jax.numpy.zeros(1).block_until_ready(); ")) == ["False", "1", "False"]
+    assert _fresh_python(check.format(before=""), "--xla_force_host_platform_device_count=3") == ["False", "3", "False"]
+    assert _fresh_python("import jax; from bayescirc.fitting import cpu_devices_for_chains as f; "
+                         "print(f(1), jax.local_device_count())") == ["False", "1"]

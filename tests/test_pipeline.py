@@ -50,8 +50,10 @@ def test_demo_command_runs_the_pipeline_and_says_where_things_are(tmp_path):
     if missing:
         pytest.skip(f"needs {missing} (not on this branch)")
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "bayescirc", "demo", "--out", str(out), "--n-inputs", "24",
-                           "--exact-inputs", "8", "--draws", "150", "--no-progress"],
+    # smaller is not faster: with 24 inputs and 150 warm-up draws NUTS took 135-290 leapfrog steps per draw
+    # (165 s in all), with 60 inputs and 300 warm-up draws 31 (125 s)
+    proc = subprocess.run([sys.executable, "-m", "bayescirc", "demo", "--out", str(out), "--n-inputs", "60",
+                           "--exact-inputs", "20", "--draws", "300", "--no-progress"],
                           env=_user_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("scores.parquet", "report.html", "circuit.json", "fit/summary.json"):

@@ -67,7 +67,8 @@ def _fmt(value, spec):
 @click.option("--inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
               help="nuts: the reference posterior (MCMC over the model's global parameters); svi: a fast Gaussian "
                    "approximation for large graphs; auto: NUTS up to 5,000 edges, SVI above.")
-@click.option("--chains", default=2, show_default=True, help="NUTS chains (r_hat needs 2 or more).")
+@click.option("--chains", default=2, show_default=True,
+              help="NUTS chains (r_hat needs 2 or more); on a CPU they run side by side, one core each.")
 @click.option("--draws", type=int, default=None,
               help="Posterior draws per chain (SVI: chains x draws samples). [default: 1000; SVI above 5,000 edges: "
                    "500 in all]")
