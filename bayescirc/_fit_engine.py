@@ -307,9 +307,10 @@ def _mu_centre(problem: Problem):
 NUTS_DENSE_MASS_MAX_GLOBALS = 30
 """NUTS adapts a dense mass matrix up to this many global parameters, a diagonal one above. Warm-up
 estimates the matrix from a few hundred draws: over ~25 globals (errors pooled by method) dense took 17
-leapfrog steps per draw against 31; over the ~45-90 of errors pooled by edge type it took 56 against 31
-(13 simulated edges), 60 and 51 against 24 and 15 (ioi-toy, 200 inputs) and 102 and 158 against 31 (ioi-toy,
-60 inputs), at equal effective sample sizes, all with 2 x 300 draws."""
+leapfrog steps per draw against 31; over the ~55-100 of errors pooled by edge type it took 56 against 31
+(13 simulated edges, bulk ESS 198 vs 203), 102 and 158 against 31 (ioi-toy, 60 inputs, ESS 335 vs 350) and
+60 and 51 against 24 and 15 (ioi-toy, 200 inputs, ESS 327 vs 248: more per draw, fewer per second, 133 s vs
+81 s), all with 2 x 300 draws."""
 
 
 def n_globals(problem: Problem) -> int:

@@ -444,8 +444,8 @@ def test_fit_errors_are_user_errors():
     assert issubclass(FitError, BayescircError)
 
 
-def _fresh_python(code: str, xla_flags: str | None = None) -> str:
-    """stdout of ``code`` run in a new interpreter (JAX not yet started there), XLA_FLAGS as given."""
+def _fresh_python(code: str, xla_flags: str | None = None) -> list[str]:
+    """Words of the stdout of ``code`` run in a new interpreter (JAX not yet started there), XLA_FLAGS as given."""
     import os
     import subprocess
     import sys
