@@ -199,7 +199,7 @@ def map_estimate(problem: Problem, steps: int, lr: float | None = None, progress
         model = problem.model
         guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
         svi = SVI(model, guide, numpyro.optim.Adam(lr), _FixedOrderELBO())
-        svi_state = svi.init(jax.random.PRNGKey(1), *args)
+        svi_state = svi.init(jax.random.PRNGKey(1), *args, prior_only=True)  # the guide's shapes: the globals
     else:
         svi, guide, svi_state = state
     svi_state, _ = _svi_steps(svi, svi_state, args, steps)
@@ -360,7 +360,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
     guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values),
                       init_scale=SVI_INIT_SCALE_SUBSAMPLED if subsample else SVI_INIT_SCALE)
     svi = SVI(model, guide, numpyro.optim.Adam(SVI_LR), _FixedOrderELBO(num_particles=SVI_PARTICLES))
-    state = svi.init(key, *args)
+    state = svi.init(key, *args, prior_only=True)  # the guide's shapes come from the globals alone
     reanchor = (lambda st: anchored(guide.median(svi.get_params(st)))) if subsample else None
     state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True, reanchor=reanchor)
     params = svi.get_params(state)

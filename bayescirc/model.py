@@ -660,7 +660,8 @@ def _group_prior(n: int):
 
 def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, scale, student_t=None,
                     control_variate=None, *, n_types: int, n_layers: int, n_error_groups: int = 1,
-                    spike_sd: float = 0.0, exact_present: bool = True, edge_batch: int | None = None):
+                    spike_sd: float = 0.0, exact_present: bool = True, edge_batch: int | None = None,
+                    prior_only: bool = False):
     """Global parameters with every per-edge quantity integrated out.
 
     Parameters
@@ -693,6 +694,12 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
         plus the subsampled remainder (:class:`ControlVariate`). The same
         value in expectation, far less noise near the anchor. Without
         ``edge_batch`` it cancels exactly.
+    prior_only : bool, default False
+        Sample the globals from their prior and stop: no likelihood. NumPyro's
+        ``SVI.init`` runs model and guide op by op, outside any compiled
+        program, to learn the guide's shapes, which depend on the globals
+        only; with ``prior_only`` that set-up skips the edge likelihood (at
+        GPT-2 scale ~3 s of dispatch per initialisation).
     """
     M = data.n_methods
     params = {}
@@ -720,6 +727,8 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
     type_z = numpyro.sample("type_z", _group_prior(n_types))
     layer_sd = numpyro.sample("layer_sd", dist.HalfNormal(0.5))
     layer_z = numpyro.sample("layer_z", _group_prior(n_layers))
+    if prior_only:
+        return
     g = make_globals(params, M, scale, slab_sd, spike_sd, pi)
     if student_t is not None:
         tm = tau_means(tau_loc, type_sd * type_z, layer_sd * layer_z, edge_type_idx, layer_idx)
@@ -815,12 +824,14 @@ def control_variate(anchor: dict, data: EdgeData, grid: TauGrid, edge_type_idx, 
     flat0 = _flat(coords)
     E = data.n_edges
     values, slopes = [], []
-    for start in range(0, E, chunk):
-        idx = np.arange(start, min(E, start + chunk))
+    size = min(E, chunk)
+    for start in range(0, E, size):
+        n = min(E, start + size) - start
+        idx = np.minimum(np.arange(start, start + size), E - 1)  # the last block padded: one shape, one compilation
         v, s = _edge_values_and_slopes(coords, data.take(idx), grid.take(idx), jnp.asarray(edge_type_idx)[idx],
                                        jnp.asarray(layer_idx)[idx], jnp.asarray(scale, float), spike_sd)
-        values.append(v)
-        slopes.append(s)
+        values.append(v[:n])
+        slopes.append(s[:n])
     value, slope = jnp.concatenate(values), jnp.concatenate(slopes)
     return ControlVariate(anchor=flat0, value=value, slope=slope, value_total=value.sum(), slope_total=slope.sum(0))
 
