@@ -281,8 +281,8 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         SD of the spike (0: edges outside the circuit have exactly zero mean).
     svi_steps : int, optional
         Most SVI optimisation steps [default 3000], run in compiled chunks of 100
-        (rounded up to a multiple of 100). SVI stops earlier, after at least 1,000,
-        once the mean loss of the last 500 steps is no lower than that of the 500
+        (rounded up to a multiple of 100). SVI stops earlier, after at least 500,
+        once the mean loss of the last 250 steps is no lower than that of the 250
         before (beyond twice its standard error and 0.1%); ``summary.json`` records
         ``svi_steps_run``.
     prior_scale : float, optional

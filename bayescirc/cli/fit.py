@@ -85,7 +85,7 @@ def _fmt(value, spec):
               help="Input-to-input variation of exact effects: gaussian (fast, sufficient statistics) or student-t "
                    "(robust to outlying inputs; holds the exact scores in memory). summary.json's ppc says which fits.")
 @click.option("--svi-steps", type=click.IntRange(min=1), default=3000, show_default=True,
-              help="Most SVI optimisation steps; SVI stops earlier (after 1,000) once its loss no longer falls.")
+              help="Most SVI optimisation steps; SVI stops earlier (after 500) once its loss no longer falls.")
 @click.option("--spike-sd", default=0.0, show_default=True,
               help="SD of the spike for edges outside the circuit (0: exactly zero mean effect).")
 @click.option("--error-pooling", type=click.Choice(["type", "method"]), default="type", show_default=True,
