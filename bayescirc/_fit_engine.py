@@ -13,10 +13,10 @@ import numpyro
 from jax.scipy.special import logsumexp
 from numpyro.handlers import replay, seed
 from numpyro.infer import ELBO, MCMC, NUTS, SVI, init_to_value
-from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal
 from numpyro.infer.util import log_density
 
 from . import model as bm
+from ._guides import GaussianGuide, PointGuide, global_sites
 from .model import Globals
 
 SVI_LOSS_POINTS = 200
@@ -198,13 +198,18 @@ def map_estimate(problem: Problem, steps: int, lr: float | None = None, progress
     args = problem.args
     if state is None:
         model = problem.model
-        guide = AutoDelta(model, init_loc_fn=init_to_value(values=problem.map_values))
+        guide = PointGuide(global_sites(model, args), problem.map_values)
         svi = SVI(model, guide, numpyro.optim.Adam(lr), _FixedOrderELBO())
-        svi_state = svi.init(jax.random.PRNGKey(1), *args, prior_only=True)  # the guide's shapes: the globals
+        svi_state = _init(svi, jax.random.PRNGKey(1), args)
     else:
         svi, guide, svi_state = state
     svi_state, _ = _svi_steps(svi, svi_state, args, steps)
     return {k: np.asarray(v) for k, v in guide.median(svi.get_params(svi_state)).items()}, (svi, guide, svi_state)
+
+
+def _init(svi: SVI, key, args):
+    """``svi.init`` as one compiled program: the guide's parameters come from the globals alone (prior-only model)."""
+    return jax.jit(partial(svi.init, prior_only=True))(key, *args)
 
 
 SVI_CHUNK = 100  # optimisation steps per compiled call
@@ -357,17 +362,14 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
                                               problem.scale, problem.spike_sd))
 
         args = anchored(problem.map_values)
-    n_latent = n_globals(problem)
-    guide_cls = AutoMultivariateNormal if n_latent <= 200 else AutoLowRankMultivariateNormal
-    guide = guide_cls(model, init_loc_fn=init_to_value(values=problem.map_values),
-                      init_scale=SVI_INIT_SCALE_SUBSAMPLED if subsample else SVI_INIT_SCALE)
+    guide = GaussianGuide(global_sites(model, args), problem.map_values,
+                          init_scale=SVI_INIT_SCALE_SUBSAMPLED if subsample else SVI_INIT_SCALE)
     svi = SVI(model, guide, numpyro.optim.Adam(SVI_LR), _FixedOrderELBO(num_particles=SVI_PARTICLES))
-    state = svi.init(key, *args, prior_only=True)  # the guide's shapes come from the globals alone
+    state = _init(svi, key, args)
     reanchor = (lambda st: anchored(guide.median(svi.get_params(st)))) if subsample else None
     state, losses = _svi_steps(svi, state, args, svi_steps, progress=progress, stop_at_plateau=True, reanchor=reanchor)
     params = svi.get_params(state)
-    samples = guide.sample_posterior(jax.random.fold_in(key, 1), params, *args, sample_shape=(chains * draws,))
-    samples = {k: np.asarray(v)[None] for k, v in samples.items() if k in problem.map_values or k in ("type_z", "layer_z")}
+    samples = {k: np.asarray(v)[None] for k, v in guide.sample(jax.random.fold_in(key, 1), params, chains * draws).items()}
     return InferenceResult(samples=_with_type_errors(samples), sample_stats={}, svi_loss=losses)
 
 

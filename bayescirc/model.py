@@ -695,11 +695,9 @@ def collapsed_model(data: EdgeData, grid: TauGrid, edge_type_idx, layer_idx, sca
         value in expectation, far less noise near the anchor. Without
         ``edge_batch`` it cancels exactly.
     prior_only : bool, default False
-        Sample the globals from their prior and stop: no likelihood. NumPyro's
-        ``SVI.init`` runs model and guide op by op, outside any compiled
-        program, to learn the guide's shapes, which depend on the globals
-        only; with ``prior_only`` that set-up skips the edge likelihood (at
-        GPT-2 scale ~3 s of dispatch per initialisation).
+        Sample the globals from their prior and stop: no likelihood. The
+        guides' shapes and ``SVI.init`` need the global sites only
+        (:mod:`bayescirc._guides`), so they run this, not the edge likelihood.
     """
     M = data.n_methods
     params = {}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bayescirc.fit_outputs import gaussian_ppc
+from bayescirc.fit_outputs import chi2_sf_log, gaussian_ppc
 
 
 def per_edge_reference(values, mask, tau_draws, min_inputs=8, reps=2000, seed=0):
@@ -56,3 +56,13 @@ def test_gaussian_scores_pass_and_heavy_tailed_scores_fail():
 def test_too_few_exact_inputs_is_said_not_guessed():
     out = gaussian_ppc(np.ones((3, 4)), np.ones((3, 4), bool), np.ones((10, 3)))
     assert out == {"edges_checked": 0, "note": "fewer than 8 exact inputs per edge: nothing to check"}
+
+
+def test_the_interpolated_chi2_tail_matches_scipy_for_every_degree_of_freedom():
+    rng = np.random.default_rng(3)
+    dof = rng.choice([7, 19, 99, 999], size=300)
+    log_x = np.log(dof)[:, None] + rng.normal(0, 0.6, size=(300, 200))  # spread well beyond the bulk
+    got = chi2_sf_log(log_x, dof, points=4097)  # ~15,000 values per dof: interpolated
+    want = sps.chi2.sf(np.exp(log_x), dof[:, None])
+    assert np.abs(got - want).max() < 5e-5
+    assert np.abs(chi2_sf_log(log_x, dof) - want).max() < 1e-5  # the default table: computed exactly here
