@@ -922,35 +922,57 @@ def edge_conditionals_repeated(keys, data: EdgeData, grid: TauGrid, g: Globals, 
     grid = placed_grid(grid, tau_mean, tau_spread)
     f = evidence_factors(data, grid, g)
     log_w = _log_tau_prior(grid, tau_mean, tau_spread) + _mixture(g, *f.log_z)
-    return jax.vmap(lambda k: _edge_sample(k, grid, g, log_w, f, threshold=threshold))(keys)
+    cells = _cell_table(f)  # shared by the draws
+    return jax.vmap(lambda k: _edge_sample(k, grid, g, log_w, f, cells, threshold=threshold))(keys)
 
 
-def _edge_sample(key, grid: TauGrid, g: Globals, log_w, f: EvidenceFactors, threshold=None):
+def _cell_table(f: EvidenceFactors):
+    """``chol`` and ``z`` with one row (K K + K,) per component, edge and grid point (row (c E + e) G + g).
+
+    A draw needs them at one grid point and component per edge: a row gather
+    from this table, for the component drawn only, instead of indexing
+    ``chol[:, rows, points]`` and solving for both components.
+    """
+    C, E, G, K = f.z.shape
+    return jnp.concatenate([f.chol.reshape(C * E * G, K * K), f.z.reshape(C * E * G, K)], -1)
+
+
+def _at_cells(cells, component, points, K):
+    """``chol`` (E, K, K) and ``z`` (E, K) of ``component`` (0/1, scalar or (E,)) at ``points`` (E,)."""
+    E = points.shape[0]
+    G = cells.shape[0] // (2 * E)
+    picked = jnp.take(cells, (component * E + jnp.arange(E)) * G + points, axis=0)
+    return picked[:, : K * K].reshape(E, K, K), picked[:, K * K :]
+
+
+def _edge_sample(key, grid: TauGrid, g: Globals, log_w, f: EvidenceFactors, cells, threshold=None):
     """The draws of :func:`edge_conditionals` given the grid weights and factors (``grid`` already placed)."""
     k_tau, k_jit, k_ind, k_u, k_slab = jax.random.split(key, 5)
     E, G = log_w.shape
     K = f.z.shape[-1]
     rows = jnp.arange(E)
     gi = _categorical(k_tau, log_w)  # (E,)
+    at = rows * G + gi
     jitter = (jax.random.uniform(k_jit, (E,)) - 0.5) * grid.step
-    log_tau = jnp.asarray(grid.log_tau)[rows, gi] + jitter  # u is drawn at the grid point (its exact conditional there)
+    log_tau = jnp.ravel(grid.log_tau)[at] + jitter  # u is drawn at the grid point (its exact conditional there)
     log_cond_slab = jax.nn.log_sigmoid(jnp.log(g.pi) + f.log_z[1] - jnp.log1p(-g.pi) - f.log_z[0])  # P(slab | tau point)
-    p_slab_here = jnp.exp(log_cond_slab[rows, gi])
+    p_slab_here = jnp.exp(jnp.ravel(log_cond_slab)[at])
     slab = jax.random.uniform(k_ind, (E,)) < p_slab_here
     eps = jax.random.normal(k_u, (E, K))
-    chol, z = f.chol[:, rows, gi], f.z[:, rows, gi]  # (2, E, ...)
-    u0, u1 = (f.sd[c] * solve_upper_t(chol[c], z[c] + eps) for c in (0, 1))
-    u = jnp.where(slab[:, None], u1, u0)
+    chol, z = _at_cells(cells, slab.astype(jnp.int32), gi, K)  # the drawn component's factors
+    u = jnp.where(slab[:, None], f.sd[1], f.sd[0]) * solve_upper_t(chol, z + eps)
     # Rao-Blackwellised inclusion: tau integrated over its grid posterior
     post = jax.nn.softmax(log_w, axis=-1)
     if threshold is None:
         inclusion = jnp.sum(post * jnp.exp(log_cond_slab), -1)
     else:
-        exceeds = [_prob_exceeds(chol[c], f.sd[c], z[c], threshold) for c in (0, 1)]
+        exceeds = [_prob_exceeds(chol_c, f.sd[c], z_c, threshold)
+                   for c, (chol_c, z_c) in enumerate(_at_cells(cells, c, gi, K) for c in (0, 1))]
         inclusion = exceeds[0] * (1 - p_slab_here) + exceeds[1] * p_slab_here
     # mu given that the edge is in the slab: tau from its slab-conditional grid posterior, then mu
     gs = _categorical(k_slab, log_w + log_cond_slab)
-    mu_slab = f.sd[1][:, 0] * solve_upper_t(f.chol[1, rows, gs], f.z[1, rows, gs] + eps)[:, 0]
+    chol_s, z_s = _at_cells(cells, 1, gs, K)
+    mu_slab = f.sd[1][:, 0] * solve_upper_t(chol_s, z_s + eps)[:, 0]
     return {"mu": u[:, 0], "delta": u[:, 1:], "tau": jnp.exp(log_tau), "inclusion": inclusion, "mu_slab": mu_slab}
 
 
