@@ -45,7 +45,7 @@ INCLUSION_RULES = ("slab", "threshold")
 NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
 DRAWS = 1000  # default draws per chain
 LARGE_SVI_DRAWS = 500  # default total SVI draws above NUTS_MAX_EDGES: per-edge draws cost draws x edges
-SVI_EDGE_DRAWS_PER_GLOBAL = 10  # above NUTS_MAX_EDGES: per-edge draws per draw of the globals (they share its grid)
+SVI_EDGE_DRAWS_PER_GLOBAL = 20  # above NUTS_MAX_EDGES: per-edge draws per draw of the globals (they share its grid)
 GLOBAL_SITES = ("alpha", "beta", "sigma", "omega", "slab_sd", "pi", "tau_loc", "tau_spread", "type_sd", "type_z",
                 "layer_sd", "layer_z")
 
@@ -257,11 +257,11 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         NUTS settings; SVI draws ``chains * draws`` samples from its guide, stored
         as one chain. Above 5,000 edges SVI's default is 500 draws in all: the
         per-edge draws and ``posterior.nc`` grow as draws x edges (at GPT-2 scale
-        500 draws take ~10 s and ~250 MB), and 500 draws give 90% intervals
+        500 draws take ~9 s and ~250 MB), and 500 draws give 90% intervals
         whose ends move by ~0.1 posterior SD between fits. There each draw of
-        the globals serves 10 per-edge draws, which share its grid weights
+        the globals serves 20 per-edge draws, which share its grid weights
         (the globals are pinned down by that many edges; ``posterior.nc``
-        holds each global draw 10 times in a row). On a CPU, NUTS runs the chains
+        holds each global draw 20 times in a row). On a CPU, NUTS runs the chains
         side by side, one core each, when ``fit`` is the first JAX work of the
         process (:func:`cpu_devices_for_chains`); else one after the other.
     seed : int, default 0
