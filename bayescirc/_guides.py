@@ -2,8 +2,9 @@
 
 NumPyro's AutoGuides learn the model's sites by running it op by op, outside
 any compiled program, and check the log density and its gradient at the
-start: ~500 small eager programs, 2.7 s for the first fit in a process at
-GPT-2 scale and ~1 s for each later guide. Here the sites come from an
+start: ~500 small eager programs at GPT-2 scale, 5.3 s for the MAP's guide
+and 2.8 s for SVI's (2.7 s and 1.1 s with the prior-only model, most of it
+JAX's one-off cost per process of compiling each eager operation). Here the sites come from an
 abstract run of the prior-only model (:func:`global_sites`, no arrays
 computed), and the guides are plain NumPyro functions of the same form as
 ``AutoDelta`` and ``AutoMultivariateNormal``/``AutoLowRankMultivariateNormal``,
