@@ -235,7 +235,7 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
     :data:`SVI_WINDOW` steps): more steps of a constant-rate optimiser then
     only jitter the guide. (Measured at GPT-2 scale: stopped at 500 steps,
     the same AUC, HDI coverage and intrinsic SDs as 2,000 steps to 3-4
-    decimals, inclusion probabilities within 0.023.)
+    decimals, inclusion probabilities within 0.021.)
     ``reanchor(state)``, when given, returns the arguments for the next chunk
     (the control variate moved to the guide's current median).
     """

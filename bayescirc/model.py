@@ -966,8 +966,10 @@ def _edge_sample(key, grid: TauGrid, g: Globals, log_w, f: EvidenceFactors, cell
     if threshold is None:
         inclusion = jnp.sum(post * jnp.exp(log_cond_slab), -1)
     else:
-        exceeds = [_prob_exceeds(chol_c, f.sd[c], z_c, threshold)
-                   for c, (chol_c, z_c) in enumerate(_at_cells(cells, c, gi, K) for c in (0, 1))]
+        exceeds = []
+        for c in (0, 1):  # the probability under each component at the drawn grid point
+            chol_c, z_c = _at_cells(cells, c, gi, K)
+            exceeds.append(_prob_exceeds(chol_c, f.sd[c], z_c, threshold))
         inclusion = exceeds[0] * (1 - p_slab_here) + exceeds[1] * p_slab_here
     # mu given that the edge is in the slab: tau from its slab-conditional grid posterior, then mu
     gs = _categorical(k_slab, log_w + log_cond_slab)
