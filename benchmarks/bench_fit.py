@@ -81,7 +81,7 @@ def main() -> None:
             write_simulation(path, SimulationConfig(n_layers=layers, n_heads=heads, n_inputs=args.inputs,
                                                     n_exact=args.exact_inputs, seed=0))
         reads = sorted(child("read", path, 0, 0)["seconds"] for _ in range(3))
-        read = {"seconds": reads[1]}  # the median of three: one read varied 3.5-5.3 s on the same file
+        read = {"seconds": reads[1]}  # the median of three: one read varied 1.3-5.4 s on the same file
         modes = ["svi"] + ([] if args.no_nuts or n_edges > args.nuts_max_edges else ["nuts"])
         for mode in modes:
             t = time.perf_counter()
