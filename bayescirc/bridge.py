@@ -78,13 +78,14 @@ def _is_loaded_model(model: Any) -> bool:
     return hasattr(model, "run_with_hooks") and hasattr(model, "cfg")
 
 
-def load_model(model: Any, device: str | None = "auto", dtype: Any = None) -> Any:
+def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progress: bool = True) -> Any:
     """Return a TransformerLens model for ``model`` (path, hub name or loaded model).
 
     A loaded ``TransformerBridge`` that is not in compatibility mode gets it
     switched on without weight processing (``no_processing=True``), so the
     caller's weights are not rewritten; the hook names then match
-    HookedTransformer's. Raises :class:`ModelError` with what to do when the
+    HookedTransformer's. ``progress=False`` also silences the Hugging Face
+    loader's "Loading weights" bar. Raises :class:`ModelError` with what to do when the
     model cannot be loaded.
     """
     if _is_loaded_model(model):
@@ -106,13 +107,27 @@ def load_model(model: Any, device: str | None = "auto", dtype: Any = None) -> An
     elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ModelError(f"{name}: no such model directory.")
     try:
-        bridge = TransformerBridge.boot_transformers(name, device=resolve_device(device), dtype=_torch_dtype(dtype))
+        with _hf_progress(progress):
+            bridge = TransformerBridge.boot_transformers(name, device=resolve_device(device), dtype=_torch_dtype(dtype))
     except (OSError, ValueError) as exc:
         hint = ("" if local.exists() else " If this is a hub name, this machine may be offline (HF_HUB_OFFLINE): "
                 "download the model elsewhere and pass its directory.")
         raise ModelError(f"could not load model {name!r}: {exc}.{hint}") from None
     bridge.enable_compatibility_mode(disable_warnings=True)
     return bridge
+
+
+@contextlib.contextmanager
+def _hf_progress(progress: bool) -> Iterator[None]:
+    """Hugging Face's progress bars on or off for the block, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def model_graph(model: Any) -> Graph:

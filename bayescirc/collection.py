@@ -275,7 +275,7 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         return read_scores(target) if return_table else None
 
     torch.manual_seed(seed)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
     with scoring_mode(loaded) as graph:
         engine = Engine(loaded, graph, metric)
         metadata["extra"]["collect"].update(n_layers=graph.n_layers, n_heads=graph.n_heads, n_edges=graph.n_edges,

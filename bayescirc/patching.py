@@ -506,7 +506,7 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
     from .collection import prepare_inputs
 
     circuits = [set(c) for c in circuits]
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress)
     with scoring_mode(loaded) as graph:
         engine = Engine(loaded, graph, metric)
         batches, _ = prepare_inputs(loaded, task, input_ids=inputs)

@@ -577,3 +577,16 @@ def test_exact_patch_semantics_against_plain_hugging_face(tiny_dir, model64, tas
     got = collect(model64, task.iloc[[0]], methods=["exact"], progress=False).set_index("edge").loc[edge, "score"]
     assert abs(expected) > 1e-4
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-10)
+
+
+def test_no_progress_silences_the_hugging_face_loader_and_restores_its_setting(tiny_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    load_model(str(tiny_dir), device="cpu", progress=False)
+    quiet = capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    assert "Loading weights" not in quiet
+    load_model(str(tiny_dir), device="cpu")
+    if "Loading weights" not in capfd.readouterr().err:
+        pytest.skip("this transformers version shows no bar while loading weights")
