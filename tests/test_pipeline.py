@@ -56,6 +56,7 @@ def test_demo_command_runs_the_pipeline_and_says_where_things_are(tmp_path):
                            "--exact-inputs", "20", "--draws", "300", "--no-progress"],
                           env=_user_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loading weights" not in proc.stderr  # --no-progress reaches the Hugging Face loader too
     for name in ("scores.parquet", "report.html", "circuit.json", "fit/summary.json"):
         assert (out / name).stat().st_size > 0
     assert f"report:  {(out / 'report.html').resolve()}" in proc.stdout
