@@ -56,7 +56,8 @@ CONTRIBUTION = {A: 1.0, B: 1.0, C: 2.0}
 
 def fake_patching(calls):
     def evaluate_circuits(model, task, circuits, *, metric, inputs, device, dtype, batch_size, progress):
-        calls.append({"circuits": [set(c) for c in circuits], "inputs": list(inputs), "metric": metric})
+        calls.append({"circuits": [set(c) for c in circuits], "inputs": list(inputs), "metric": metric,
+                      "progress": progress})
         n = len(inputs)
         corrupted = np.zeros(n)
         clean = np.full(n, sum(CONTRIBUTION.values()))

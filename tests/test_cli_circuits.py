@@ -122,7 +122,25 @@ def test_evaluate_reports_faithfulness(tmp_path, monkeypatch):
     result = run("evaluate", tmp_path / "fit", "--model", "m", "--task", task, "--n-circuits", "50",
                  "--held-out", "2", "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
-    assert calls[0]["inputs"] == [10, 11]
+    assert calls[0]["inputs"] == [10, 11] and calls[0]["progress"]
     assert "median-probability circuit (1 edges): 0.500" in result.output
     saved = json.loads((tmp_path / "ev" / "faithfulness.json").read_text())
     assert saved["posterior"]["n_circuits"] == 50 and 0.5 <= saved["posterior"]["mean"] <= 1.0
+
+
+def test_quiet_turns_off_the_progress_bars(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
+    four_draw_fit().save(tmp_path / "fit")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"clean": "a b", "corrupted": "c d", "answer": " x", "distractor": " y"}) + "\n"
+                            for _ in range(12)))
+    assert run("evaluate", tmp_path / "fit", "--model", "m", "--task", task, "--held-out", "2", "-q").exit_code == 0
+    assert calls[-1]["progress"] is False
+    scores = tmp_path / "s.parquet"
+    for quiet in ([], ["--quiet"]):
+        simulated = run("simulate", "--out", scores, "--layers", "1", "--heads", "2", "--inputs", "12", *quiet)
+        stable = run("stability", scores, "-B", "4", "--k", "3", *quiet)
+        assert simulated.exit_code == 0 and stable.exit_code == 0, simulated.output + stable.output
+        assert ("simulate:" in simulated.stderr) is not bool(quiet)
+        assert ("conventional" in stable.stderr) is not bool(quiet)  # the per-method bar

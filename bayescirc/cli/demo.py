@@ -20,7 +20,7 @@ import click
 @click.option("--chains", type=int, default=2, show_default=True, help="NUTS chains.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @click.option("--device", default="auto", show_default=True, help="Torch device for collection: auto, cpu, cuda.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.option("--no-progress", "--quiet", "-q", "no_progress", is_flag=True, help="Hide the progress bars.")
 def command(out, model, task, n_inputs, exact_inputs, draws, chains, seed, device, no_progress):
     """Run collect -> fit -> circuits -> report on the shipped IOI model and say where
     the report and the circuit are.

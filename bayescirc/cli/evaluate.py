@@ -42,8 +42,9 @@ def _held_out(value):
 @click.option("--seed", default=0, show_default=True, help="Random seed of the circuit sampling.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for faithfulness.json, circuits.parquet and summary.txt. [default: print only]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(fit_dir, model, task, n_circuits, rule, held_out, metric, interval_prob, per_input, device, batch_size,
-            seed, out):
+            seed, out, quiet):
     """Faithfulness of circuits sampled from FIT_DIR, on held-out inputs of TASK.
 
     Each circuit runs with only its edges carrying clean activations (every
@@ -60,7 +61,7 @@ def command(fit_dir, model, task, n_circuits, rule, held_out, metric, interval_p
 
     result = evaluate(fit_dir, model, task, n_circuits=n_circuits, rule=rule, held_out=_held_out(held_out),
                       metric=metric, interval_prob=interval_prob, per_input=per_input, device=device,
-                      batch_size=batch_size, seed=seed, progress=True)
+                      batch_size=batch_size, seed=seed, progress=not quiet)
     click.echo(result.to_text())
     if out:
         result.save(out)

@@ -56,8 +56,9 @@ def _parse_method(value: str) -> tuple[str, MethodError]:
               help="Fraction of non-circuit edges that are zero-mean, high-variance decoys.")
 @click.option("--decoy-sd", default=3.0, show_default=True, help="Intrinsic sd of decoy edges.")
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def command(out, truth, layers, heads, n_inputs, n_exact, methods, no_approx, circuit_fraction, effect_sd,
-            intrinsic_sd, heavy_tails, decoy_fraction, decoy_sd, seed):
+            intrinsic_sd, heavy_tails, decoy_fraction, decoy_sd, seed, quiet):
     """Write a synthetic scores.parquet drawn from the fit's generative model, with its truth.
 
     Per input i and edge e the exact effect is theta = mu_e + tau_e * eps; an
@@ -84,6 +85,6 @@ def command(out, truth, layers, heads, n_inputs, n_exact, methods, no_approx, ci
                                   seed=seed, **kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    scores_path, truth_path = write_simulation(out, config, truth_path=truth, progress=True)
+    scores_path, truth_path = write_simulation(out, config, truth_path=truth, progress=not quiet)
     click.echo(f"wrote {scores_path} ({config.n_inputs} inputs, {len(config.methods) + bool(config.n_exact)} methods)")
     click.echo(f"wrote {truth_path} (truth: one row per edge)")

@@ -39,8 +39,9 @@ import click
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
                    "edges.parquet and summary.txt. [default: print only]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
-            fit_error_pooling, fit_approx_only, seed, out, as_json):
+            fit_error_pooling, fit_approx_only, seed, out, as_json, quiet):
     """Stability of circuits selected from SCORES, conventional and Bayesian side by side.
 
     Conventional: mean score per edge and method, top-k (or threshold), pruned.
@@ -69,7 +70,7 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         fit_options["approx_only"] = fit_approx_only
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
-                       fit_options=fit_options, seed=seed, progress=True)
+                       fit_options=fit_options, seed=seed, progress=not quiet)
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2, default=str))
     else:
