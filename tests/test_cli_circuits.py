@@ -112,14 +112,21 @@ class _Inclusion:
         return self._mean[None, :]
 
 
-def test_evaluate_reports_faithfulness(tmp_path, monkeypatch):
+@pytest.fixture
+def faked_evaluation(tmp_path, monkeypatch):
+    """A saved four-draw fit, a 12-row task and patching replaced by a stub that records its calls."""
     calls = []
     monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
     four_draw_fit().save(tmp_path / "fit")
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"clean": "a b", "corrupted": "c d", "answer": " x", "distractor": " y"}) + "\n"
                             for _ in range(12)))
-    result = run("evaluate", tmp_path / "fit", "--model", "m", "--task", task, "--n-circuits", "50",
+    return calls, tmp_path / "fit", task
+
+
+def test_evaluate_reports_faithfulness(tmp_path, faked_evaluation):
+    calls, fit_dir, task = faked_evaluation
+    result = run("evaluate", fit_dir, "--model", "m", "--task", task, "--n-circuits", "50",
                  "--held-out", "2", "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     assert calls[0]["inputs"] == [10, 11] and calls[0]["progress"]
@@ -128,14 +135,9 @@ def test_evaluate_reports_faithfulness(tmp_path, monkeypatch):
     assert saved["posterior"]["n_circuits"] == 50 and 0.5 <= saved["posterior"]["mean"] <= 1.0
 
 
-def test_quiet_turns_off_the_progress_bars(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
-    four_draw_fit().save(tmp_path / "fit")
-    task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"clean": "a b", "corrupted": "c d", "answer": " x", "distractor": " y"}) + "\n"
-                            for _ in range(12)))
-    assert run("evaluate", tmp_path / "fit", "--model", "m", "--task", task, "--held-out", "2", "-q").exit_code == 0
+def test_quiet_turns_off_the_progress_bars(tmp_path, faked_evaluation):
+    calls, fit_dir, task = faked_evaluation
+    assert run("evaluate", fit_dir, "--model", "m", "--task", task, "--held-out", "2", "-q").exit_code == 0
     assert calls[-1]["progress"] is False
     scores = tmp_path / "s.parquet"
     for quiet in ([], ["--quiet"]):
