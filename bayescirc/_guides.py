@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -152,13 +151,9 @@ class GaussianGuide:
         return self.sites.constrain(params["loc"])
 
     def sample(self, key, params: dict, n: int) -> dict:
-        """``n`` draws of the globals: {site: (n, ...)}."""
-        return _sample(self, key, params, n)
-
-
-@partial(jax.jit, static_argnums=(0, 3))
-def _sample(guide: GaussianGuide, key, params, n):
-    return jax.vmap(guide.sites.constrain)(guide.distribution(params).sample(key, (n,)))
+        """``n`` draws of the globals: {site: (n, ...)}, as one compiled program."""
+        draw = jax.jit(lambda key, params: jax.vmap(self.sites.constrain)(self.distribution(params).sample(key, (n,))))
+        return draw(key, params)
 
 
 __all__ = ["GlobalSites", "global_sites", "PointGuide", "GaussianGuide", "LOW_RANK_ABOVE"]
