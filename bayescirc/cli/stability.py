@@ -34,6 +34,10 @@ import click
               help="--error-pooling of every Bayesian fit (see bayescirc fit --help). [default: the fit's, type]")
 @click.option("--fit-approx-only", type=click.Choice(["auto", "full", "mean"]), default=None,
               help="--approx-only of every Bayesian fit (see bayescirc fit --help). [default: the fit's, auto]")
+@click.option("--fit-likelihood", type=click.Choice(["gaussian", "student-t"]), default=None,
+              help="--likelihood of every Bayesian fit; use the one the full-data fit's posterior predictive check "
+                   "prefers (bayescirc fit prints it). Student-t fits are slow under NUTS: add --fit-inference svi. "
+                   "[default: the fit's, gaussian]")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
@@ -41,7 +45,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
-            fit_error_pooling, fit_approx_only, seed, out, as_json, quiet):
+            fit_error_pooling, fit_approx_only, fit_likelihood, seed, out, as_json, quiet):
     """Stability of circuits selected from SCORES, conventional and Bayesian side by side.
 
     Conventional: mean score per edge and method, top-k (or threshold), pruned.
@@ -68,6 +72,8 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         fit_options["error_pooling"] = fit_error_pooling
     if fit_approx_only:
         fit_options["approx_only"] = fit_approx_only
+    if fit_likelihood:
+        fit_options["likelihood"] = fit_likelihood
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
                        fit_options=fit_options, seed=seed, progress=not quiet)
