@@ -94,11 +94,12 @@ def test_stability_bayes_passes_the_same_fit_settings_to_every_fit(tmp_path, mon
     write_scores(pd.DataFrame(rows), tmp_path / "s.parquet")
     result = run("stability", tmp_path / "s.parquet", "-B", "8", "--bayes", "--bayes-bootstrap", "5",
                  "--fit-chains", "1", "--fit-draws", "300", "--fit-approx-only", "mean",
-                 "--fit-likelihood", "student-t", "--out", tmp_path / "st")
+                 "--fit-likelihood", "student-t", "--fit-inclusion", "threshold", "--fit-threshold", "5%",
+                 "--out", tmp_path / "st")
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 + 5
     assert all(c == {"inference": "auto", "progress": False, "seed": 0, "chains": 1, "draws": 300, "approx_only": "mean",
-                        "likelihood": "student-t"}
+                        "likelihood": "student-t", "inclusion": "threshold", "threshold": "5%"}
                for c in calls)
     assert "Headline" in result.output and "matched" in result.output and "fixed" in result.output
     head = pd.read_parquet(tmp_path / "st" / "headline.parquet")

@@ -38,6 +38,12 @@ import click
               help="--likelihood of every Bayesian fit; use the one the full-data fit's posterior predictive check "
                    "prefers (bayescirc fit prints it). Student-t fits are slow under NUTS: add --fit-inference svi. "
                    "[default: the fit's, gaussian]")
+@click.option("--fit-inclusion", type=click.Choice(["slab", "threshold"]), default=None,
+              help="--inclusion of every Bayesian fit: the median-probability circuit then holds the edges with "
+                   "P(|mean effect| > --fit-threshold) > 0.5. [default: the fit's, slab]")
+@click.option("--fit-threshold", default=None, metavar="D",
+              help="--threshold of every Bayesian fit (with --fit-inclusion threshold): metric units (0.1) or a "
+                   "percentage of the mean total effect (5%).")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
@@ -45,7 +51,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
-            fit_error_pooling, fit_approx_only, fit_likelihood, seed, out, as_json, quiet):
+            fit_error_pooling, fit_approx_only, fit_likelihood, fit_inclusion, fit_threshold, seed, out, as_json, quiet):
     """Stability of circuits selected from SCORES, conventional and Bayesian side by side.
 
     Conventional: mean score per edge and method, top-k (or threshold), pruned.
@@ -74,6 +80,10 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         fit_options["approx_only"] = fit_approx_only
     if fit_likelihood:
         fit_options["likelihood"] = fit_likelihood
+    if fit_inclusion:
+        fit_options["inclusion"] = fit_inclusion
+    if fit_threshold is not None:
+        fit_options["threshold"] = fit_threshold
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
                        fit_options=fit_options, seed=seed, progress=not quiet)
