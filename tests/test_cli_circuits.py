@@ -107,6 +107,13 @@ def test_stability_bayes_passes_the_same_fit_settings_to_every_fit(tmp_path, mon
     assert set(pd.read_parquet(tmp_path / "st" / "resamples.parquet")["resample"]) == set(range(-1, 5))
 
 
+@pytest.mark.parametrize("options", [["--fit-threshold", "5%"], ["--fit-inclusion", "threshold"]])
+def test_stability_fit_threshold_needs_the_threshold_rule(tmp_path, options):
+    result = run("stability", tmp_path / "missing.parquet", "--bayes", *options)
+    assert result.exit_code == 2
+    assert "--fit-inclusion threshold and --fit-threshold D go together" in result.output
+
+
 class _Inclusion:
     def __init__(self, edges, mean):
         self.edge_names, self._mean = list(edges), np.asarray(mean, dtype=float)

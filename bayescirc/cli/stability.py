@@ -68,6 +68,8 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
     """
     from ..stability_metrics import stability
 
+    if (fit_inclusion == "threshold") != (fit_threshold is not None):
+        raise click.UsageError("--fit-inclusion threshold and --fit-threshold D go together: give both or neither.")
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     fit_options = {"inference": fit_inference}
     if fit_draws:
