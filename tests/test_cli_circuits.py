@@ -98,7 +98,7 @@ def test_stability_bayes_passes_the_same_fit_settings_to_every_fit(tmp_path, mon
                  "--out", tmp_path / "st")
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 + 5
-    assert all(c == {"inference": "auto", "progress": False, "seed": 0, "chains": 1, "draws": 300, "approx_only": "mean",
+    assert all(c == {"inference": "svi", "progress": False, "seed": 0, "chains": 1, "draws": 300, "approx_only": "mean",
                         "likelihood": "student-t", "inclusion": "threshold", "threshold": "5%"}
                for c in calls)
     assert "Headline" in result.output and "matched" in result.output and "fixed" in result.output

@@ -20,24 +20,27 @@ import click
               help="Comma-separated method labels to analyse, e.g. 'eap,eap-ig-inputs:steps=5'. [default: all in the file]")
 @click.option("--bayes/--no-bayes", default=False, show_default=True,
               help="Also fit the hierarchical model on the full data and on each of the first --bayes-bootstrap "
-                   "resamples (same fit settings, NUTS up to 5,000 edges) and compare its median-probability circuit "
+                   "resamples (same fit settings) and compare its median-probability circuit "
                    "with top-k at the same size after pruning, on the same resamples (the headline: paired "
                    "difference of mean Jaccard with a jackknife SE). One fit per resample: slow.")
 @click.option("--bayes-bootstrap", type=int, default=None,
               help="Resamples for the Bayesian side and the headline (the first ones of --bootstrap, shared with "
                    "top-k). [default: 20, at most --bootstrap]")
 @click.option("--fit-draws", type=int, default=None, help="Posterior draws per chain of every Bayesian fit. [default: the fit's, 1000]")
-@click.option("--fit-chains", type=int, default=None, help="NUTS chains of every Bayesian fit. [default: the fit's, 2]")
-@click.option("--fit-inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
-              help="Inference of every Bayesian fit: auto = NUTS up to 5,000 edges, SVI above.")
+@click.option("--fit-chains", type=int, default=None,
+              help="Chains of every Bayesian fit (SVI: chains x draws samples). [default: the fit's, 2]")
+@click.option("--fit-inference", type=click.Choice(["auto", "nuts", "svi"]), default="svi", show_default=True,
+              help="Inference of every Bayesian fit. svi: on ioi-toy and simulated scores the same circuits as NUTS "
+                   "2 x 500 (inclusion within 0.04) at 1/12 of the time, and there is one fit per resample; nuts: "
+                   "the reference posterior (~1-2 min per 110-edge fit on 2 cores); auto: NUTS up to 5,000 edges "
+                   "as bayescirc fit does.")
 @click.option("--fit-error-pooling", type=click.Choice(["type", "method"]), default=None,
               help="--error-pooling of every Bayesian fit (see bayescirc fit --help). [default: the fit's, type]")
 @click.option("--fit-approx-only", type=click.Choice(["auto", "full", "mean"]), default=None,
               help="--approx-only of every Bayesian fit (see bayescirc fit --help). [default: the fit's, auto]")
 @click.option("--fit-likelihood", type=click.Choice(["gaussian", "student-t"]), default=None,
               help="--likelihood of every Bayesian fit; use the one the full-data fit's posterior predictive check "
-                   "prefers (bayescirc fit prints it). Student-t fits are slow under NUTS: add --fit-inference svi. "
-                   "[default: the fit's, gaussian]")
+                   "prefers (bayescirc fit prints it). [default: the fit's, gaussian]")
 @click.option("--fit-inclusion", type=click.Choice(["slab", "threshold"]), default=None,
               help="--inclusion of every Bayesian fit: the median-probability circuit then holds the edges with "
                    "P(|mean effect| > --fit-threshold) > 0.5. [default: the fit's, slab]")
