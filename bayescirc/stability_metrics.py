@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -416,6 +417,16 @@ def _resample(frame: pd.DataFrame, inputs: np.ndarray, counts: np.ndarray) -> pd
     return out
 
 
+def warning_kinds(messages: Sequence[str]) -> list[tuple[int, str]]:
+    """``(count, first message)`` per kind of message, most frequent first; messages that differ only in their
+    figures (a PPC's 81.7% vs 83.7% of edges) are one kind, so a summary names each diagnostic once."""
+    counts: dict[str, list] = {}
+    for message in messages:
+        entry = counts.setdefault(re.sub(r"\d+(?:\.\d+)?", "#", message), [0, message])
+        entry[0] += 1
+    return sorted(((n, first) for n, first in counts.values()), key=lambda kind: -kind[0])
+
+
 def _default_fitter(frame: pd.DataFrame, **options):
     try:
         from .fitting import fit
@@ -516,10 +527,11 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         for b in tqdm(range(nb), desc="bayes bootstrap", unit="fit", disable=not progress):
             boot[b], ranking[b] = posterior_circuit(run_fit(_resample(used, inputs, counts[b])), index)
         if fit_warnings:  # one summary instead of the same diagnostics once per fit
-            messages = pd.Series([str(w.message) for w in fit_warnings]).value_counts()
-            warn_summary = {str(m): int(n) for m, n in messages.items()}
+            messages = [str(w.message) for w in fit_warnings]
+            warn_summary = {str(m): int(n) for m, n in pd.Series(messages).value_counts().items()}
+            kinds = " | ".join(f"{n}x {m}" for n, m in warning_kinds(messages)[:3])
             warnings.warn(f"{len(fit_warnings)} warnings from the {nb + 1} Bayesian fits (full data + resamples), "
-                          "most frequent first: " + " | ".join(f"{n}x {m}" for m, n in list(warn_summary.items())[:3]),
+                          f"most frequent first (figures from the first fit of each kind): {kinds}",
                           fit_warnings[0].category, stacklevel=2)
         spearman, kendall = _rank_correlations(ranking)
         rows.append({"pipeline": BAYESIAN, "method": "+".join(labels), "selection": "median-probability",

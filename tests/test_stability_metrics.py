@@ -20,6 +20,7 @@ from bayescirc.stability_metrics import (
     select,
     selection_stability,
     stability,
+    warning_kinds,
     weighted_means,
 )
 
@@ -311,11 +312,21 @@ def test_bayesian_side_with_the_real_fit_on_simulated_data():
 
 
 def test_fit_warnings_are_summarised_once_and_recorded():
+    r_hats = iter(["1.2", "1.3", "1.2", "1.25", "1.2"])
+
     def warning_fitter(frame, **options):
-        warnings.warn("max r_hat = 1.2 > 1.01", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"max r_hat = {next(r_hats)} > 1.01", RuntimeWarning, stacklevel=2)
         return inclusion_fitter([])(frame, **options)
 
-    with pytest.warns(RuntimeWarning, match=r"5 warnings from the 5 Bayesian fits.*5x max r_hat") as record:
+    with pytest.warns(RuntimeWarning, match=r"5 warnings from the 5 Bayesian fits.*: 5x max r_hat = 1\.2 > 1\.01$") as record:
         result = stability(scores_table({"exact": EXACT}), bootstrap=4, bayes=True, fitter=warning_fitter,
                            progress=False)
-    assert len(record) == 1 and result.settings["fit_warnings"] == {"max r_hat = 1.2 > 1.01": 5}
+    assert len(record) == 1
+    assert result.settings["fit_warnings"] == {"max r_hat = 1.2 > 1.01": 3, "max r_hat = 1.3 > 1.01": 1,
+                                               "max r_hat = 1.25 > 1.01": 1}
+
+
+def test_warning_kinds_count_messages_that_differ_only_in_their_figures_together():
+    messages = ["prefers student-t (83.7% of 104 edges)", "r_hat 1.2", "prefers student-t (81.7% of 104 edges)",
+                "prefers student-t (80% of 110 edges)"]
+    assert warning_kinds(messages) == [(3, "prefers student-t (83.7% of 104 edges)"), (1, "r_hat 1.2")]
