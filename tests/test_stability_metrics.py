@@ -161,7 +161,7 @@ def test_bayesian_side_resamples_fits_and_matches_k():
     calls = []
     result = stability(scores_table({"exact": EXACT}), bootstrap=12, k=[3], bayes=True, fitter=threshold_fitter(calls),
                        fit_options={"draws": 50}, seed=2, progress=False)
-    # full data + 12 resamples (default 20, capped at B), all with the same settings: auto (NUTS), one seed
+    # full data + 12 resamples (default 20, capped at B), all with the same settings: svi (the default here), one seed
     assert len(calls) == 1 + 12 and all(c == {"inference": "svi", "progress": False, "seed": 2, "draws": 50} for c in calls)
     bayes = result.bootstrap[result.bootstrap.pipeline == "bayesian"].iloc[0]
     # full data: means (1.05, 1, 1.5) -> {C}; the unpruned k = 1 is added to k = 3
