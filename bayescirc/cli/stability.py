@@ -74,21 +74,10 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
     if (fit_inclusion == "threshold") != (fit_threshold is not None):
         raise click.UsageError("--fit-inclusion threshold and --fit-threshold D go together: give both or neither.")
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    fit_options = {"inference": fit_inference}
-    if fit_draws:
-        fit_options["draws"] = fit_draws
-    if fit_chains:
-        fit_options["chains"] = fit_chains
-    if fit_error_pooling:
-        fit_options["error_pooling"] = fit_error_pooling
-    if fit_approx_only:
-        fit_options["approx_only"] = fit_approx_only
-    if fit_likelihood:
-        fit_options["likelihood"] = fit_likelihood
-    if fit_inclusion:
-        fit_options["inclusion"] = fit_inclusion
-    if fit_threshold is not None:
-        fit_options["threshold"] = fit_threshold
+    given = {"draws": fit_draws or None, "chains": fit_chains or None, "error_pooling": fit_error_pooling,
+             "approx_only": fit_approx_only, "likelihood": fit_likelihood, "inclusion": fit_inclusion,
+             "threshold": fit_threshold}  # --fit-draws/--fit-chains 0: the fit's default
+    fit_options = {"inference": fit_inference, **{k: v for k, v in given.items() if v is not None}}
     result = stability(scores, bootstrap=bootstrap, k=list(ks) or None, threshold=list(thresholds) or None,
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
                        fit_options=fit_options, seed=seed, progress=not quiet)
