@@ -155,7 +155,8 @@ def _groups(edges: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, li
     table, _ = edge_table([str(e) for e in edges])
     layers = pd.concat([table["source_layer"], table["receiver_layer"]]).dropna()
     n_layers = int(layers.max()) + 1 if len(layers) else 0
-    table, _ = edge_table([str(e) for e in edges], n_layers=n_layers)
+    # the logits are read after the last block: they pool with a layer of their own (as edge_table(n_layers=...))
+    table.loc[(table["receiver_type"] == "logits") & table["receiver_layer"].isna(), "receiver_layer"] = n_layers
     types = sorted(table["edge_type"].unique())
     type_idx = table["edge_type"].map({t: i for i, t in enumerate(types)}).to_numpy()
     layer_labels = table["receiver_layer"].astype("string").fillna("other")

@@ -68,6 +68,20 @@ def test_the_map_subset_holds_every_group_however_rare():
     assert np.array_equal(map_subset(50, 100, (types[:50],), rng), np.arange(50))
 
 
+def test_edges_pool_by_type_and_receiver_layer_with_the_logits_as_a_layer_after_the_last_block():
+    from bayescirc.fitting import _groups
+    from bayescirc.graph import Graph
+
+    edges = np.array([*Graph(2, 1).edges, "not an edge"])
+    table, type_idx, layer_idx, types, layers = _groups(edges)
+    assert layers == ["0", "1", "2", "other"]
+    level = dict(zip(edges, np.array(layers)[layer_idx]))
+    assert level["m1->logits"] == "2" and level["input->a0.h0<q>"] == "0" and level["a0.h0->m1"] == "1"
+    assert level["not an edge"] == "other"
+    assert np.array(types)[type_idx].tolist() == table["edge_type"].tolist()
+    assert list(table["edge"]) == list(edges)
+
+
 def test_hdi_of_a_normal_sample_is_its_central_interval(rng):
     x = rng.normal(size=(20000, 2)) * [1.0, 3.0]
     low, high = hdi(x, 0.9)
