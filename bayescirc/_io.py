@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -32,15 +37,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = True, replaces: Iterable[str] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; move it onto ``path`` on success.
 
     An existing ``path`` is replaced only once the new contents are complete
-    (and only when ``overwrite``; otherwise ``FileExistsError``).
+    (and only when ``overwrite``; otherwise ``FileExistsError``). ``replaces``:
+    the names (glob patterns) this output may hold; an existing directory
+    holding anything else is refused before any work, so that ``--out`` aimed
+    at an input (a fit directory) or at a folder of other files never deletes
+    them. ``None`` replaces whatever is there.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or allow overwriting")
+    if replaces is not None:
+        check_replaceable(path, replaces)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -55,3 +66,37 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` that other tools' strict parsers read: NaN and infinities become ``null``, numpy scalars numbers."""
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
+
+
+def check_replaceable(path: str | os.PathLike, replaces: Iterable[str]) -> None:
+    """Raise :class:`~bayescirc.errors.BayescircError` unless ``path`` is absent, empty, or holds only ``replaces``."""
+    from .errors import BayescircError
+
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise BayescircError(f"{path} is a file, not an output directory; choose another output directory.")
+    patterns = tuple(replaces)
+    foreign = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BayescircError(f"{path} holds {shown}, which this command does not write; it would replace the whole "
+                             "directory. Choose a new or empty output directory (or remove those first).")

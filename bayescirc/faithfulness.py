@@ -36,6 +36,9 @@ from .errors import BayescircError
 
 __all__ = ["FaithfulnessResult", "circuit_faithfulness", "evaluate", "held_out_inputs", "interval"]
 
+FAITHFULNESS_FILES = ("faithfulness.json", "circuits.parquet", "summary.txt")
+"""What ``FaithfulnessResult.save`` writes."""
+
 
 def circuit_faithfulness(values: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, per_input: bool = False) -> np.ndarray:
     """Faithfulness of each circuit.
@@ -160,7 +163,7 @@ class FaithfulnessResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``faithfulness.json``, ``circuits.parquet`` and ``summary.txt`` atomically."""
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, replaces=FAITHFULNESS_FILES) as tmp:
             (tmp / "faithfulness.json").write_text(json.dumps(self.summary(), indent=2, default=str))
             self.circuits.to_parquet(tmp / "circuits.parquet", index=False)
             (tmp / "summary.txt").write_text(self.to_text() + "\n")

@@ -341,6 +341,11 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         raise FitError("a threshold is only used with inclusion='threshold'.")
     if spike_sd < 0:
         raise FitError(f"spike_sd={spike_sd} must be >= 0.")
+    if out is not None:
+        from ._io import check_replaceable
+        from .posterior import FIT_DIR_CONTENTS
+
+        check_replaceable(out, FIT_DIR_CONTENTS)  # before the fit, not after it
 
     import jax
 

@@ -38,6 +38,9 @@ from .errors import BayescircError
 
 __all__ = ["FitResult", "load_fit", "make_idata", "sampling_diagnostics", "stacked_draws"]
 
+FIT_DIR_CONTENTS = (schema.FIT_EDGES_FILE, schema.FIT_POSTERIOR_FILE, schema.FIT_SUMMARY_FILE, "circuits", "plots")
+"""What a fit directory holds: the fit's files, and where ``circuits`` and ``plot`` write by default."""
+
 
 @dataclass
 class FitResult:
@@ -62,9 +65,14 @@ class FitResult:
     metadata: dict = field(default_factory=dict)
 
     def save(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
-        """Write ``edges.parquet``, ``posterior.nc`` and ``summary.json`` into ``directory`` (atomically)."""
+        """Write ``edges.parquet``, ``posterior.nc`` and ``summary.json`` into ``directory`` (atomically).
+
+        An existing fit directory is replaced whole, with the ``circuits/`` and
+        ``plots/`` that later commands wrote into it (they describe the old fit);
+        a directory holding anything else is refused.
+        """
         directory = Path(directory)
-        with atomic_dir(directory, overwrite=overwrite) as tmp:
+        with atomic_dir(directory, overwrite=overwrite, replaces=FIT_DIR_CONTENTS) as tmp:
             table = pa.Table.from_pandas(self.edges, preserve_index=False)
             table = table.replace_schema_metadata(
                 {schema.METADATA_KEY: json.dumps(self.metadata, sort_keys=True, default=str).encode()})

@@ -70,6 +70,10 @@ from .errors import BayescircError
 __all__ = ["StabilityResult", "stability", "bootstrap_counts", "selection_stability", "exact_variability",
            "posterior_circuit", "matched_top_k", "paired_jaccard"]
 
+STABILITY_FILES = ("stability.json", "bootstrap.parquet", "methods_jaccard.parquet", "k_jaccard.parquet",
+                   "edges.parquet", "summary.txt", "headline.parquet", "resamples.parquet")
+"""What ``StabilityResult.save`` writes (the last two with the Bayesian side)."""
+
 CONVENTIONAL, BAYESIAN = "conventional", "bayesian"
 MAX_RANK_PAIRS = 200  # rank correlations use the first 200 consecutive pairs (Kendall costs O(E log E) each)
 HEADLINE_BOOTSTRAP = 20  # default resamples (Bayesian fits) of the headline comparison
@@ -351,7 +355,7 @@ class StabilityResult:
         ``k_jaccard.parquet``, ``edges.parquet``, ``summary.txt`` and, with the Bayesian
         side, ``headline.parquet`` and ``resamples.parquet`` into ``directory`` atomically."""
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, replaces=STABILITY_FILES) as tmp:
             (tmp / "stability.json").write_text(json.dumps(self.summary(), indent=2, default=_json_default))
             self.bootstrap.to_parquet(tmp / "bootstrap.parquet", index=False)
             self.methods_jaccard.to_parquet(tmp / "methods_jaccard.parquet", index=False)

@@ -60,6 +60,53 @@ def test_circuits_bad_rule_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2 and "topk:K" in result.output
     missing = CliRunner().invoke(cli, ["circuits", str(tmp_path / "nofit")])
     assert missing.exit_code == 2 and "not a fit directory" in missing.output
+    for option, value in (("--top", "-1"), ("--prob", "1.5"), ("--prob", "0")):
+        bad = CliRunner().invoke(cli, ["circuits", str(tmp_path / "fit"), option, value])
+        assert bad.exit_code == 2 and f"Invalid value for '{option}'" in bad.output, bad.output
+
+
+def test_circuits_json_is_strict_json_even_when_a_summary_is_undefined(tmp_path):
+    four_draw_fit().save(tmp_path / "fit")
+    assert run("circuits", tmp_path / "fit", "--n", "1", "--out", tmp_path / "c").exit_code == 0
+    text = (tmp_path / "c" / "circuits.json").read_text()
+    summary = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in circuits.json"))
+    assert summary["expected_jaccard"] is None  # one circuit: no pair to compare
+
+
+def test_circuits_never_replaces_a_directory_holding_files_it_does_not_write(tmp_path):
+    four_draw_fit().save(tmp_path / "fit")
+    before = sorted(p.name for p in (tmp_path / "fit").iterdir())
+    into_fit = CliRunner().invoke(cli, ["circuits", str(tmp_path / "fit"), "--out", str(tmp_path / "fit")])
+    assert into_fit.exit_code == 2 and "posterior.nc" in into_fit.output and "Choose a new or empty" in into_fit.output
+    assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == before  # the fit is intact
+    notes = tmp_path / "results"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(cli, ["circuits", str(tmp_path / "fit"), "--out", str(notes)])
+    assert refused.exit_code == 2 and "notes.txt" in refused.output
+    assert (notes / "notes.txt").read_text() == "mine"
+    for _ in range(2):  # its own earlier output is replaced, and so is the default FIT_DIR/circuits
+        assert run("circuits", tmp_path / "fit", "--out", tmp_path / "c").exit_code == 0
+        assert run("circuits", tmp_path / "fit").exit_code == 0
+    assert (tmp_path / "fit" / "circuits" / "circuits.json").exists()
+
+
+def test_fit_stability_and_evaluate_refuse_a_foreign_output_directory_before_any_work(tmp_path, faked_evaluation,
+                                                                                      monkeypatch):
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("keep me")
+    scores = tmp_path / "s.parquet"
+    assert run("simulate", "--out", scores, "--layers", "1", "--heads", "2", "--inputs", "12", "-q").exit_code == 0
+    import bayescirc.stability_metrics
+
+    monkeypatch.setattr(bayescirc.stability_metrics, "stability", lambda *a, **k: pytest.fail("ran before the check"))
+    calls, fit_dir, task = faked_evaluation
+    for args in (["fit", scores, "--out", foreign], ["stability", scores, "--out", foreign],
+                 ["evaluate", fit_dir, "--model", "m", "--task", task, "--held-out", "2", "--out", foreign]):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 2 and "data.csv" in result.output, (args[0], result.output)
+    assert calls == [] and (foreign / "data.csv").read_text() == "keep me"
 
 
 def test_stability_prints_the_table_and_writes_files(tmp_path):

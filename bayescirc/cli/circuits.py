@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+CIRCUITS_FILES = ("circuits.json", "edges.parquet", "samples.parquet", "summary.txt", "median_circuit.json",
+                  "credible_core.json", "credible_superset.json")
+"""What ``bayescirc circuits`` writes into its output directory."""
 
 
 @click.command(name="circuits")
@@ -17,9 +20,9 @@ import click
                    "probability; 'topk:K' takes the K edges with the largest |mu| in that draw; 'threshold:D' "
                    "the edges with |mu| > D (metric units). Circuits are then pruned to input->logits paths.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (draw choice and Bernoulli indicators).")
-@click.option("--prob", default=0.95, show_default=True,
+@click.option("--prob", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Probability of the credible core (edges in >= PROB of circuits) and superset.")
-@click.option("--top", default=5, show_default=True, help="How many of the most frequent distinct circuits to list.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=0), help="How many of the most frequent distinct circuits to list.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory to write circuits.json (summary), edges.parquet (per-edge frequency and set "
                    "membership), samples.parquet (tidy circuit, draw, edge) and summary.txt. [default: FIT_DIR/circuits]")
@@ -43,17 +46,18 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
       bayescirc circuits fit/ --rule slab --out fit/circuits
       bayescirc circuits fit/ --rule topk:50 --n 2000 --seed 1 --out circuits-top50/
     """
-    from .._io import atomic_dir
+    from .._io import atomic_dir, check_replaceable, strict_json
     from ..circuits import sample_circuits
     from ..export import model_width, write_circuit_json
     from ..posterior import load_fit
 
+    out = Path(out) if out else Path(fit_dir) / "circuits"
+    check_replaceable(out, CIRCUITS_FILES)
     fit = load_fit(fit_dir)
     samples = sample_circuits(fit, n=n, rule=rule, seed=seed)
     if d_model is None:
         scores_meta = fit.summary.get("metadata") or {}
         d_model = model_width(fit.metadata.get("model") or scores_meta.get("model"))
-    out = Path(out) if out else Path(fit_dir) / "circuits"
     summary = samples.summary(prob=prob, top=top)
     top_table = samples.top_circuits(top)
     summary["top_circuits"] = [{"rank": int(r.rank), "probability": float(r.probability), "size": int(r.size),
@@ -63,9 +67,9 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
     summary["credible_superset"] = sorted(samples.credible_superset(prob))
     summary["size_distribution"] = {str(k): float(v) for k, v in samples.size_distribution().items()}
     text = samples.to_text(prob=prob, top=top)
-    with atomic_dir(out) as tmp:
-        (tmp / "circuits.json").write_text(json.dumps(summary, indent=2))
-        samples.edge_table().to_parquet(tmp / "edges.parquet", index=False)
+    with atomic_dir(out, replaces=CIRCUITS_FILES) as tmp:
+        (tmp / "circuits.json").write_text(strict_json(summary, indent=2))  # NaN (e.g. one circuit's Jaccard): null
+        samples.edge_table(prob).to_parquet(tmp / "edges.parquet", index=False)
         samples.table().to_parquet(tmp / "samples.parquet", index=False)
         (tmp / "summary.txt").write_text(text + "\n")
         if export_json:

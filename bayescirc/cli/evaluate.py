@@ -57,8 +57,11 @@ def command(fit_dir, model, task, n_circuits, rule, held_out, metric, interval_p
     Example:
       bayescirc evaluate fit/ --model models/ioi-toy --task ioi.jsonl --n-circuits 200 --held-out 100
     """
-    from ..faithfulness import evaluate
+    from .._io import check_replaceable
+    from ..faithfulness import FAITHFULNESS_FILES, evaluate
 
+    if out:
+        check_replaceable(out, FAITHFULNESS_FILES)
     result = evaluate(fit_dir, model, task, n_circuits=n_circuits, rule=rule, held_out=_held_out(held_out),
                       metric=metric, interval_prob=interval_prob, per_input=per_input, device=device,
                       batch_size=batch_size, seed=seed, progress=not quiet)

@@ -69,8 +69,11 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
       bayescirc stability scores.parquet --bootstrap 200 --k 50 --k 200 --out stability/
       bayescirc stability scores.parquet -B 100 --bayes --bayes-bootstrap 20 --out stability/
     """
-    from ..stability_metrics import stability
+    from .._io import check_replaceable
+    from ..stability_metrics import STABILITY_FILES, stability
 
+    if out:
+        check_replaceable(out, STABILITY_FILES)  # before a run that can take hours
     if (fit_inclusion == "threshold") != (fit_threshold is not None):
         raise click.UsageError("--fit-inclusion threshold and --fit-threshold D go together: give both or neither.")
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
