@@ -96,6 +96,10 @@ class EdgeIndex:
     @classmethod
     def from_edges(cls, edges: Iterable[str]) -> EdgeIndex:
         edges = tuple(str(e) for e in edges)
+        if len(set(edges)) < len(edges):
+            seen = set()
+            twice = next(e for e in edges if e in seen or seen.add(e))
+            raise BayescircError(f"edge {twice!r} appears more than once; a circuit's edges must be distinct.")
         pairs = []
         for name in edges:
             try:
@@ -340,9 +344,9 @@ class CircuitSamples:
         """Number of distinct circuits among the samples."""
         return int(len(np.unique(np.packbits(self.indicators, axis=1), axis=0))) if self.n_circuits else 0
 
-    def edge_table(self) -> pd.DataFrame:
-        """One row per edge: ``edge``, ``frequency``, ``in_median``, ``in_core``, ``in_superset``."""
-        median, core, superset = self.median_circuit(), self.credible_core(), self.credible_superset()
+    def edge_table(self, prob: float = 0.95) -> pd.DataFrame:
+        """One row per edge: ``edge``, ``frequency``, ``in_median``, ``in_core``, ``in_superset`` (core and superset at ``prob``)."""
+        median, core, superset = self.median_circuit(), self.credible_core(prob), self.credible_superset(prob)
         out = self.frequency.reset_index()
         out["in_median"] = out[schema.EDGE].isin(median)
         out["in_core"] = out[schema.EDGE].isin(core)
@@ -465,14 +469,20 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
         draws = np.arange(n_draws)
     else:
         draws = rng.choice(n_draws, size=n, replace=n > n_draws)
-    if kind == "slab" and (np.nanmin(values) < -1e-6 or np.nanmax(values) > 1 + 1e-6):
-        raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     edges = tuple(fit.edge_names)
+    finite = np.isfinite(values).all(axis=0)
+    if not finite.all():
+        bad = [edges[j] for j in np.flatnonzero(~finite)]
+        raise BayescircError(f"the posterior's {var!r} is NaN or infinite for {len(bad)} edge(s), e.g. {bad[:3]}; "
+                             "refit, or drop those edges from the scores.")
+    if kind == "slab" and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+        raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     index = EdgeIndex.from_edges(edges)
     indicators = np.empty((len(draws), len(edges)), dtype=bool)
     for start in range(0, len(draws), _CHUNK):
         block = values[draws[start:start + _CHUNK]]
-        block = block.astype(np.float32, copy=False)
+        # inclusion as float32 (it only meets uniforms); mu compared with D or ranked in float64
+        block = block.astype(np.float32 if var == "inclusion" else np.float64, copy=False)
         selected = _select(kind, param, block if var == "mu" else None, block if var == "inclusion" else None, rng)
         indicators[start:start + len(block)] = index.prune(selected)
     label = "slab" if kind == "slab" else f"{kind}:{param if kind == 'topk' else float(param):g}"

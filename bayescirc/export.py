@@ -149,6 +149,8 @@ def read_circuit_json(path: str | os.PathLike, method: str | None = None) -> pd.
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise BayescircError(f"{path}: no such file.") from None
+    except IsADirectoryError:
+        raise BayescircError(f"{path} is a directory; give the circuit JSON file inside it.") from None
     except json.JSONDecodeError as exc:
         raise BayescircError(f"{path}: not valid JSON ({exc}).") from None
     if not isinstance(data, dict):
@@ -157,6 +159,10 @@ def read_circuit_json(path: str | os.PathLike, method: str | None = None) -> pd.
     if missing:
         raise BayescircError(f"{path}: not an EAP-IG graph JSON, missing key(s) {missing} "
                              f"(expected {list(REQUIRED_KEYS)}).")
+    for key in REQUIRED_KEYS:
+        if not isinstance(data[key], dict):
+            raise BayescircError(f"{path}: {key!r} must map names to values (a JSON object), got a "
+                                 f"{type(data[key]).__name__}; not an EAP-IG graph JSON.")
     rows = []
     for name, info in data["edges"].items():
         try:

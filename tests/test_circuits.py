@@ -118,6 +118,9 @@ def test_edge_table_flags(four):
     table = four.edge_table().set_index("edge")
     assert table.loc[C, "in_median"] and not table.loc[A, "in_median"]
     assert table["in_superset"].all()
+    assert not table["in_core"].any()  # no edge is in 95% of the four circuits
+    at_half = four.edge_table(prob=0.5).set_index("edge")  # core and superset at the probability asked for
+    assert set(at_half.index[at_half["in_core"]]) == four.credible_core(0.5) == {A, B, C}
 
 
 def test_jaccard_of_two_empty_circuits_is_one():
@@ -157,6 +160,13 @@ def test_topk_and_threshold_rules_on_mu():
     assert thr.rule == "threshold:0.45"
 
 
+def test_rules_on_mu_compare_at_full_precision():
+    just_above = make_fit(THREE_EDGES, mu=np.array([[0.0, 0.0, 0.1 + 1e-9]]))  # float32 would round it to 0.1
+    assert sample_circuits(just_above, rule="threshold:0.1").indicators.tolist() == [[False, False, True]]
+    near_tie = make_fit(THREE_EDGES, mu=np.array([[1.0, 0.0, 1.0 + 1e-9]]))
+    assert sample_circuits(near_tie, rule="topk:1").indicators.tolist() == [[False, False, True]]
+
+
 def test_fit_method_and_directory_give_the_same_circuits(tmp_path):
     fit = four_draw_fit()
     fit.save(tmp_path / "fit")
@@ -170,3 +180,7 @@ def test_bad_inputs_are_user_errors():
         sample_circuits(fit, n=0)
     with pytest.raises(BayescircError, match="outside"):
         sample_circuits(make_fit(THREE_EDGES, inclusion=np.full((2, 3), 1.5)))
+    with pytest.raises(BayescircError, match=r"NaN or infinite for 1 edge\(s\), e.g. \['input->logits'\]"):
+        sample_circuits(make_fit(THREE_EDGES, inclusion=np.array([[1.0, 1.0, np.nan]] * 2)))
+    with pytest.raises(BayescircError, match="'input->m0' appears more than once"):
+        sample_circuits(make_fit((A, B, A), inclusion=np.ones((2, 3))))

@@ -80,3 +80,8 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
         circuit_json({"a5.h0->logits"}, graph=Graph(1, 1))
     with pytest.raises(BayescircError, match="non-finite"):
         circuit_json((), {"input->m0": float("nan")}, graph=Graph(1, 1))
+    bad.write_text(json.dumps({"cfg": {}, "nodes": {}, "edges": ["input->m0"]}))
+    with pytest.raises(BayescircError, match=r"bad.json: 'edges' must map names to values .* got a list"):
+        read_circuit_json(bad)
+    with pytest.raises(BayescircError, match="is a directory"):
+        read_circuit_json(tmp_path)
