@@ -279,6 +279,7 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
     with scoring_mode(loaded) as graph:
         engine = Engine(loaded, graph, metric)
         metadata["extra"]["collect"].update(n_layers=graph.n_layers, n_heads=graph.n_heads, n_edges=graph.n_edges,
+                                            parallel_attn_mlp=graph.parallel_attn_mlp,
                                             dtype=str(engine.dtype).replace("torch.", ""), device=str(engine.device))
         batches, _ = prepare_inputs(loaded, table, input_ids=ids)
         score_dtype = "float64" if engine.dtype == torch.float64 else "float32"

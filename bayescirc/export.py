@@ -10,8 +10,11 @@ and write one JSON object::
 Every node and every edge of the model's graph is listed (EAP-IG order). An
 edge's ``score`` is its importance (MIB's "importance scores" submission) and
 ``in_graph`` says whether it is in the circuit (MIB's "multiple circuits"
-submission). A node is in the graph when an in-graph edge leaves or enters it;
-``logits`` always is (EAP-IG fixes it so). ``d_model`` only sizes EAP-IG's
+submission). A node is in the graph, as after EAP-IG's pruning, when an
+in-graph edge leaves it and one enters it (``input`` needs only the first);
+``logits`` always is (EAP-IG fixes it so). A circuit that is not pruned to
+input->logits paths (a credible core) keeps its edges as given: EAP-IG and
+MIB prune them when they evaluate it. ``d_model`` only sizes EAP-IG's
 neuron-level arrays, which edge circuits do not use; when it is not known it is
 written as 0.
 
@@ -33,9 +36,9 @@ import pandas as pd
 from . import schema
 from ._io import atomic_path
 from .errors import BayescircError
-from .graph import LOGITS, Graph, parse_edge, parse_node
+from .graph import INPUT, LOGITS, Graph, parse_edge, parse_node
 
-__all__ = ["circuit_json", "infer_graph", "model_width", "read_circuit_json", "write_circuit_json"]
+__all__ = ["circuit_json", "collected_graph", "infer_graph", "model_width", "read_circuit_json", "write_circuit_json"]
 
 REQUIRED_KEYS = ("cfg", "nodes", "edges")
 
@@ -53,6 +56,21 @@ def model_width(model) -> int | None:
         if isinstance(data.get(key), int):
             return data[key]
     return None
+
+
+def collected_graph(metadata: Mapping | None) -> Graph | None:
+    """The graph of the model the scores were collected on, from a scores file's metadata; None when it does not say.
+
+    Edge names alone cannot tell a parallel-block model (GPT-J, Pythia: heads do
+    not feed their own layer's MLP) from a sequential one, and EAP-IG/MIB
+    rebuild the graph from the JSON's ``cfg``; ``collect`` records all three.
+    Files collected before ``parallel_attn_mlp`` was recorded read as sequential.
+    """
+    collect = ((metadata or {}).get("extra") or {}).get("collect") or {}
+    n_layers, n_heads = collect.get("n_layers"), collect.get("n_heads")
+    if not (isinstance(n_layers, int) and isinstance(n_heads, int) and n_layers > 0 and n_heads > 0):
+        return None
+    return Graph(n_layers, n_heads, parallel_attn_mlp=bool(collect.get("parallel_attn_mlp", False)))
 
 
 def infer_graph(edges: Iterable[str], parallel_attn_mlp: bool = False) -> Graph:
@@ -87,7 +105,8 @@ def circuit_json(circuit: Iterable[str] = (), scores: Mapping[str, float] | pd.S
         Per-edge importance written as ``score``; edges not given get 0.0.
         Default: 1.0 for circuit edges, 0.0 otherwise.
     graph : Graph, optional
-        The model's graph; default inferred from the edge names.
+        The model's graph; default inferred from the edge names (as a sequential
+        model: pass the graph, e.g. :func:`collected_graph`, for parallel blocks).
     d_model : int, optional
         Residual width written into ``cfg`` (0 when unknown).
     """
@@ -102,7 +121,7 @@ def circuit_json(circuit: Iterable[str] = (), scores: Mapping[str, float] | pd.S
         raise BayescircError(f"{len(unknown)} edge(s) are not in the graph with {graph.n_layers} layers and "
                              f"{graph.n_heads} heads, e.g. {unknown[0]!r}. Pass the model's graph.")
     edges = {}
-    touched = set()
+    feeds, fed = set(), set()
     for name in graph.edges:
         in_graph = name in circuit
         score = scores.get(name, 0.0) if scores is not None else float(in_graph)
@@ -111,8 +130,10 @@ def circuit_json(circuit: Iterable[str] = (), scores: Mapping[str, float] | pd.S
         edges[name] = {"score": score, "in_graph": in_graph}
         if in_graph:
             info = parse_edge(name)
-            touched.update((info.source, info.receiver))
-    nodes = {node: {"in_graph": node == LOGITS or node in touched} for node in graph.nodes}
+            feeds.add(info.source)
+            fed.add(info.receiver)
+    nodes = {node: {"in_graph": node == LOGITS or (node in feeds and (node == INPUT or node in fed))}
+             for node in graph.nodes}
     cfg = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": graph.parallel_attn_mlp,
            "d_model": int(d_model or 0)}
     return {"cfg": cfg, "nodes": nodes, "edges": edges}

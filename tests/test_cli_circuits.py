@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from fitfixtures import A, B, C, fake_patching, four_draw_fit
+from fitfixtures import A, B, C, fake_patching, four_draw_fit, make_fit
 
 from bayescirc.cli import cli
 from bayescirc.export import read_circuit_json
+from bayescirc.graph import Graph
 from bayescirc.scores import write_scores
 
 
@@ -41,6 +42,16 @@ def test_circuits_writes_summary_tables_and_eap_ig_json(tmp_path):
     superset = read_circuit_json(tmp_path / "c" / "credible_superset.json")
     assert set(superset.loc[superset.in_graph, "edge"]) == {A, B, C}
     assert json.loads((tmp_path / "c" / "credible_core.json").read_text())["cfg"]["d_model"] == 0
+
+
+def test_circuits_exports_the_collected_models_graph_parallel_blocks_included(tmp_path):
+    graph = Graph(2, 2, parallel_attn_mlp=True)  # GPT-J/Pythia blocks: heads do not feed their own layer's MLP
+    fit = make_fit(graph.edges, inclusion=np.ones((2, graph.n_edges)))
+    fit.summary["metadata"] = {"extra": {"collect": {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": True}}}
+    fit.save(tmp_path / "fit")
+    assert run("circuits", tmp_path / "fit", "--out", tmp_path / "c").exit_code == 0
+    exported = json.loads((tmp_path / "c" / "median_circuit.json").read_text())
+    assert exported["cfg"]["parallel_attn_mlp"] is True and list(exported["edges"]) == list(graph.edges)
 
 
 def test_circuits_reads_d_model_from_the_fitted_models_config(tmp_path):

@@ -22,9 +22,10 @@ pytest.importorskip("transformer_lens")
 from tinymodel import make_tiny_model, tiny_task_rows  # noqa: E402
 
 from bayescirc import schema  # noqa: E402
-from bayescirc.bridge import load_model, scoring_mode  # noqa: E402
+from bayescirc.bridge import load_model, model_graph, scoring_mode  # noqa: E402
 from bayescirc.collection import collect, prepare_inputs  # noqa: E402
 from bayescirc.errors import BayescircError, ModelError, TaskError  # noqa: E402
+from bayescirc.export import collected_graph  # noqa: E402
 from bayescirc.graph import parse_edge, receiver_hook, source_hook  # noqa: E402
 from bayescirc.patching import Engine, evaluate_circuits  # noqa: E402
 from bayescirc.scores import read_metadata, read_scores  # noqa: E402
@@ -280,6 +281,8 @@ def test_file_metadata_records_the_run(model64, task, tmp_path):
     assert meta["metric"] == "prob-diff" and meta["seed"] == 3 and meta["n_inputs"] == 2
     assert meta["methods"] == {"exact": {}, "eap-ig-inputs:steps=7": {"steps": 7}}
     assert meta["sign_convention"] == schema.SIGN_CONVENTION and "package_version" in meta
+    graph = model_graph(model64)  # enough to rebuild the graph for EAP-IG/MIB export
+    assert collected_graph(meta) == graph and meta["extra"]["collect"]["parallel_attn_mlp"] is False
     table = read_scores(out)
     assert set(table.method.astype(str)) == {"exact", "eap-ig-inputs:steps=7"}
     assert {schema.CLEAN_METRIC, schema.CORRUPTED_METRIC} <= set(table.columns)

@@ -60,6 +60,12 @@ def test_round_trip_through_a_file(tmp_path):
     assert len(data["edges"]) == graph.n_edges
 
 
+def test_node_flags_are_those_eap_ig_pruning_leaves():
+    # a credible core need not be pruned: m0 is fed by the input but feeds nothing in the circuit
+    nodes = circuit_json({"input->m0", "input->logits", "a0.h0->logits"}, graph=Graph(1, 1))["nodes"]
+    assert {n for n, v in nodes.items() if v["in_graph"]} == {"input", "logits"}  # a0.h0 has no input edge either
+
+
 def test_default_scores_are_membership_and_graph_is_inferred():
     got = circuit_json({"a0.h1->logits", "input->a0.h1<q>"})
     assert got["cfg"] == {"n_layers": 1, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 0}

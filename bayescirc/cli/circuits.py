@@ -48,16 +48,17 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
     """
     from .._io import atomic_dir, check_replaceable, strict_json
     from ..circuits import sample_circuits
-    from ..export import model_width, write_circuit_json
+    from ..export import collected_graph, model_width, write_circuit_json
     from ..posterior import load_fit
 
     out = Path(out) if out else Path(fit_dir) / "circuits"
     check_replaceable(out, CIRCUITS_FILES)
     fit = load_fit(fit_dir)
     samples = sample_circuits(fit, n=n, rule=rule, seed=seed)
+    scores_meta = fit.summary.get("metadata") or {}
     if d_model is None:
-        scores_meta = fit.summary.get("metadata") or {}
         d_model = model_width(fit.metadata.get("model") or scores_meta.get("model"))
+    graph = collected_graph(scores_meta)  # None: inferred from the edge names
     summary = samples.summary(prob=prob, top=top)
     top_table = samples.top_circuits(top)
     summary["top_circuits"] = [{"rank": int(r.rank), "probability": float(r.probability), "size": int(r.size),
@@ -76,7 +77,7 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
             for name, circuit in (("median_circuit", samples.median_circuit()),
                                   ("credible_core", samples.credible_core(prob)),
                                   ("credible_superset", samples.credible_superset(prob))):
-                write_circuit_json(tmp / f"{name}.json", circuit, samples.frequency, d_model=d_model)
+                write_circuit_json(tmp / f"{name}.json", circuit, samples.frequency, graph=graph, d_model=d_model)
     click.echo(text)
     click.echo(f"\nwrote {out}/ (circuits.json, edges.parquet, samples.parquet, summary.txt"
                + (", median_circuit.json, credible_core.json, credible_superset.json)" if export_json else ")"))
