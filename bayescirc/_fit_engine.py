@@ -252,6 +252,13 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
             args = reanchor(state)
         state, loss = fn(state, args)
         losses.append(np.asarray(loss))
+        if not np.isfinite(losses[-1]).all():
+            from .errors import FitError
+
+            step = (len(losses) - 1) * SVI_CHUNK + int(np.argmin(np.isfinite(losses[-1])))
+            raise FitError(f"the optimiser diverged: the loss became {losses[-1][step % SVI_CHUNK]} at step {step}. "
+                           "Check the scores for extreme values (bayescirc inspect), or set prior_scale to their "
+                           "typical size, or fit with --inference nuts.")
         bar.update(SVI_CHUNK)
         if progress:
             bar.set_postfix(loss=f"{float(losses[-1][-1]):.4g}")

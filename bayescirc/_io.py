@@ -47,7 +47,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, replaces: Iterab
     at an input (a fit directory) or at a folder of other files never deletes
     them. ``None`` replaces whatever is there.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # "." has no name to put the temporary directory beside
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or allow overwriting")
     if replaces is not None:
@@ -59,7 +59,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, replaces: Iterab
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the previous contents back where they were
+                raise
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         else:
             os.replace(tmp, path)
@@ -76,6 +80,8 @@ def strict_json(value, **kwargs) -> str:
             return {k: clean(x) for k, x in v.items()}
         if isinstance(v, list | tuple):
             return [clean(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return clean(v.tolist())
         if isinstance(v, np.generic):
             v = v.item()
         if isinstance(v, float) and not math.isfinite(v):

@@ -22,7 +22,6 @@ distribution over posterior circuits.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_dir
+from ._io import atomic_dir, strict_json
 from .errors import BayescircError
 
 __all__ = ["FaithfulnessResult", "circuit_faithfulness", "evaluate", "held_out_inputs", "interval"]
@@ -164,7 +163,7 @@ class FaithfulnessResult:
         """Write ``faithfulness.json``, ``circuits.parquet`` and ``summary.txt`` atomically."""
         directory = Path(directory)
         with atomic_dir(directory, replaces=FAITHFULNESS_FILES) as tmp:
-            (tmp / "faithfulness.json").write_text(json.dumps(self.summary(), indent=2, default=str))
+            (tmp / "faithfulness.json").write_text(strict_json(self.summary(), indent=2, default=str))
             self.circuits.to_parquet(tmp / "circuits.parquet", index=False)
             (tmp / "summary.txt").write_text(self.to_text() + "\n")
         return directory

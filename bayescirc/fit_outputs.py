@@ -249,8 +249,11 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         d = sampling_diagnostics(idata, sampled + ["mu"])
         diag.update({k: d[k] for k in ("max_r_hat", "min_ess_bulk", "min_ess_tail")})
         diag["divergences"] = int(np.sum(result.sample_stats["diverging"]))
-        if diag["max_r_hat"] is None:
-            warn.append("one chain: r_hat cannot be computed; run --chains 2 or more to check convergence.")
+        chains, draws = idata.posterior.sizes.get("chain", 1), idata.posterior.sizes.get("draw", 1)
+        if draws < 4:
+            warn.append(f"{draws} draws per chain: too few for r_hat or ESS; run --draws 400 or more.")
+        elif diag["max_r_hat"] is None:
+            warn.append(f"{chains} chain: r_hat cannot be computed; run --chains 2 or more to check convergence.")
         elif diag["max_r_hat"] > RHAT_MAX:
             warn.append(f"max r_hat = {diag['max_r_hat']:.3f} > {RHAT_MAX} (worst: {d['worst'].get('r_hat')}): the chains "
                         "disagree; run more --warmup/--draws before trusting the posterior.")

@@ -333,6 +333,9 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         raise FitError(f"hdi_prob={hdi_prob} must lie strictly between 0 and 1 (e.g. 0.9).")
     if chains < 1 or (draws is not None and draws < 1) or (warmup is not None and warmup < 0):
         raise FitError(f"chains ({chains}) and draws ({draws}) must be >= 1 and warmup ({warmup}) >= 0.")
+    if draws is not None and chains * draws < 2:
+        raise FitError(f"{chains} chain x {draws} draw is a single posterior draw: intervals need at least 2 "
+                       "(the defaults draw hundreds).")
     thr_abs, thr_frac = parse_threshold(threshold)
     if inclusion == "threshold" and thr_abs is None and thr_frac is None:
         raise FitError("inclusion='threshold' needs a threshold: metric units (0.1) or a percentage of the mean total "
@@ -419,7 +422,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
                    exact_values=exact_values, exact_mask=exact_mask, layers=layers)
     clock.lap("outputs")
     res.summary["settings"].update(fit_seconds=round(time.perf_counter() - started, 3), timings=clock.laps)
-    for w in res.summary["diagnostics"]["warnings"]:
+    for w in res.summary["diagnostics"]["warnings"][len(notes):]:  # the notes were warned above
         warnings.warn(w, FitWarning, stacklevel=2)
     if out is not None:
         try:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema
-from ._io import atomic_dir
+from ._io import atomic_dir, strict_json
 from .errors import BayescircError
 
 __all__ = ["FitResult", "load_fit", "make_idata", "sampling_diagnostics", "stacked_draws"]
@@ -75,10 +75,11 @@ class FitResult:
         with atomic_dir(directory, overwrite=overwrite, replaces=FIT_DIR_CONTENTS) as tmp:
             table = pa.Table.from_pandas(self.edges, preserve_index=False)
             table = table.replace_schema_metadata(
-                {schema.METADATA_KEY: json.dumps(self.metadata, sort_keys=True, default=str).encode()})
+                {schema.METADATA_KEY: strict_json(self.metadata, sort_keys=True, default=str).encode()})
             pq.write_table(table, tmp / schema.FIT_EDGES_FILE)
             self.idata.to_netcdf(str(tmp / schema.FIT_POSTERIOR_FILE))
-            (tmp / schema.FIT_SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2, sort_keys=True, default=_json_default))
+            (tmp / schema.FIT_SUMMARY_FILE).write_text(strict_json(self.summary, indent=2, sort_keys=True,
+                                                                   default=_json_default))
         return directory
 
     @classmethod

@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from ._io import atomic_dir
+from ._io import atomic_dir, strict_json
 from .circuits import EdgeIndex, _pairwise, jaccard_matrix, top_k_mask
 from .errors import BayescircError
 
@@ -356,7 +356,7 @@ class StabilityResult:
         side, ``headline.parquet`` and ``resamples.parquet`` into ``directory`` atomically."""
         directory = Path(directory)
         with atomic_dir(directory, replaces=STABILITY_FILES) as tmp:
-            (tmp / "stability.json").write_text(json.dumps(self.summary(), indent=2, default=_json_default))
+            (tmp / "stability.json").write_text(strict_json(self.summary(), indent=2, default=_json_default))
             self.bootstrap.to_parquet(tmp / "bootstrap.parquet", index=False)
             self.methods_jaccard.to_parquet(tmp / "methods_jaccard.parquet", index=False)
             self.k_jaccard.to_parquet(tmp / "k_jaccard.parquet", index=False)

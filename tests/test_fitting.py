@@ -282,7 +282,7 @@ def test_a_file_without_the_score_column_is_refused(tmp_path, tiny):
 
 @pytest.mark.parametrize("kw,match", [({"inference": "mcmc"}, "inference"), ({"likelihood": "cauchy"}, "likelihood"),
                                       ({"hdi_prob": 1.5}, "hdi_prob"), ({"inclusion": "threshold"}, "needs a threshold"),
-                                      ({"chains": 0}, "chains")])
+                                      ({"chains": 0}, "chains"), ({"chains": 1, "draws": 1}, "single posterior draw")])
 def test_bad_options_are_refused_before_any_work(tiny, kw, match):
     with pytest.raises(FitError, match=match):
         fit(tiny.scores, **{**FAST, **kw})
@@ -350,6 +350,8 @@ def test_cli_fit_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Top" in result.output and "intrinsic" in result.output and "approximation" in result.output
     assert "if in the circuit" in result.output and "Approximation by edge type" in result.output
+    layer_rows = result.output.split("The same per receiver layer")[1].splitlines()[2:4]  # layers 0 and 1 (logits)
+    assert [row.split()[0] for row in layer_rows] == ["0", "1"] and "/" in layer_rows[0]
     assert "approximation error pooled by type; approximate-only inputs: full" in result.output
     assert (tmp_path / "fit" / schema.FIT_EDGES_FILE).exists()
     fitted = load_fit(tmp_path / "fit")
@@ -358,6 +360,27 @@ def test_cli_fit_end_to_end(tmp_path):
     assert summary["settings"]["error_pooling"] == "type"
     assert summary["settings"]["approx_only"] == "full"
     assert fitted.idata.posterior["beta_type"].dims[-2:] == ("edge_type", "method")
+
+
+def test_a_diverging_optimiser_is_an_error_not_a_nan_table():
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    from numpyro import distributions as dist
+    from numpyro.infer import SVI, Trace_ELBO, init_to_value
+    from numpyro.infer.autoguide import AutoDelta
+
+    from bayescirc._fit_engine import _svi_steps
+
+    def model():  # the prior pulls x from 0 to 5; past 0.5 the likelihood is undefined
+        x = numpyro.sample("x", dist.Normal(5.0, 1.0))
+        numpyro.factor("broken", jnp.where(x < 0.5, 0.0, jnp.nan))
+
+    guide = AutoDelta(model, init_loc_fn=init_to_value(values={"x": 0.0}))
+    svi = SVI(model, guide, numpyro.optim.Adam(0.1), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0))
+    with pytest.raises(FitError, match=r"optimiser diverged: the loss became nan at step [1-9]"):
+        _svi_steps(svi, state, (), 300)
 
 
 def test_cli_fit_bad_file_is_one_line_and_exit_2(tmp_path):

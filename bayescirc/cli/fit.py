@@ -29,6 +29,7 @@ def _print_summary(res, top: int) -> None:
     click.echo(f"  {'method':<20} intrinsic  approximation  aggregation")
     for m, sh in s["decomposition"]["per_method"].items():
         click.echo(f"  {m:<20} {sh['intrinsic']:9.1%}  {sh['approximation']:13.1%}  {sh['aggregation']:11.1%}")
+    _print_layer_shares(s["decomposition"].get("per_layer") or {})
     _print_error_by_type(s)
     d = s["diagnostics"]
     if s["inference"] == "nuts":
@@ -39,6 +40,20 @@ def _print_summary(res, top: int) -> None:
     click.echo(f"Posterior predictive check prefers the {s['ppc']['preferred']} likelihood: {s['ppc'].get('reason', '')}")
     for w in d["warnings"]:
         click.echo(f"WARNING: {w}")
+
+
+def _print_layer_shares(per_layer: dict) -> None:
+    """The same shares per receiver layer (logits = the layer after the last block), one column per method."""
+    methods = list(dict.fromkeys(m for block in per_layer.values() for m in block))
+    if not methods:
+        return
+    click.echo("\nThe same per receiver layer (intrinsic / approximation / aggregation, %):")
+    click.echo(f"  {'layer':<8}" + "".join(f"{m[:20]:>22}" for m in methods))
+    for layer, block in per_layer.items():
+        cells = [f"{block[m]['intrinsic']:.0%}/{block[m]['approximation']:.0%}/{block[m]['aggregation']:.0%}"
+                 .replace("%", "") if m in block and all(v is not None for v in block[m].values()) else "-"
+                 for m in methods]
+        click.echo(f"  {layer:<8}" + "".join(f"{c:>22}" for c in cells))
 
 
 def _print_error_by_type(s: dict) -> None:
