@@ -17,7 +17,15 @@ inputs (the same resamples for every method and pipeline) and reported side by s
 - Jaccard between the circuits of every pair of methods (full data, per k) and
   between the circuits of every pair of k (per method);
 - per edge, from exact scores: coefficient of variation ``sd / |mean|`` across
-  inputs and sign consistency ``max(P(score > 0), P(score < 0))``.
+  inputs and sign consistency ``max(P(score > 0), P(score < 0))`` (summarised
+  over the edges with exact scores on at least two inputs).
+
+The resampled inputs are those of the methods analysed (``methods``), so a
+method not asked about does not change how many of the others' inputs a
+resample holds. Rank correlations are over the edges the method scores (an
+unscored edge would add a tied block that correlates perfectly). An empty
+circuit (nothing left after pruning) has Jaccard 1 with another empty one:
+the text summary flags such rows.
 
 **The headline** (``bayes=True``): is the Bayesian median-probability circuit
 at least as stable under input resampling as top-k on mean scores at the same
@@ -34,8 +42,10 @@ size? It is computed like-for-like:
 - *sizes matched after pruning* (the headline, ``variant="matched"``): on each
   resample, top-k uses the smallest k whose *pruned* top-k circuit has at least
   as many edges as that resample's pruned Bayesian circuit (pruning shrinks
-  top-k: 7 selected edges may leave 2 on a path). So both sides have the same
-  size on every resample and differ only in which edges they choose. The
+  top-k: 7 selected edges may leave 2 on a path). So top-k is at least as
+  large on every resample (pruned sizes can jump past the target as k grows:
+  mean sizes within ~1-2 edges in practice) and the two differ mostly in which
+  edges they choose. The
   variant ``"fixed"`` chooses k once, by the same rule on the full data, and
   keeps it for every resample: top-k then does not follow the Bayesian
   circuit's size changes, which favours it whenever that size varies;
@@ -118,11 +128,17 @@ def select(means: np.ndarray, *, k: int | None = None, threshold: float | None =
     return np.nan_to_num(np.abs(np.atleast_2d(means)), nan=-np.inf) > threshold
 
 
-def _rank_correlations(ranking: np.ndarray) -> tuple[float, float]:
-    """Mean Spearman and Kendall correlation between rows ``b`` and ``b+1 mod B`` of ``ranking`` ``[B, E]``."""
+def _rank_correlations(ranking: np.ndarray, scored: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean Spearman and Kendall correlation between rows ``b`` and ``b+1 mod B`` of ``ranking`` ``[B, E]``.
+
+    ``scored`` (E,) bool: the edges to rank (default all); a NaN within them
+    (an edge with no input in a resample) ranks below every scored edge.
+    """
     from scipy import stats
 
-    if len(ranking) < 2:
+    if scored is not None:
+        ranking = np.asarray(ranking)[:, np.asarray(scored, bool)]
+    if len(ranking) < 2 or ranking.shape[1] < 2:
         return float("nan"), float("nan")
     spearman, kendall = [], []
     n = min(len(ranking), MAX_RANK_PAIRS)
@@ -160,8 +176,10 @@ def exact_variability(values: np.ndarray, edges: Sequence[str]) -> pd.DataFrame:
         sd = np.where(n >= 2, sd, np.nan)
         cv = np.where(np.abs(mean) > 0, sd / np.abs(mean), np.where(sd > 0, np.inf, np.nan))
         pos, neg = (values > 0).sum(0) / n, (values < 0).sum(0) / n
+    # undefined with fewer than two inputs, or when every score is exactly 0 (no sign to keep)
+    consistency = np.where((n >= 2) & (pos + neg > 0), np.maximum(pos, neg), np.nan)
     return pd.DataFrame({schema.EDGE: list(edges), "n_inputs": n.astype(np.int64), "mean": mean, "sd": sd,
-                         "cv": cv, "sign_consistency": np.maximum(pos, neg)})
+                         "cv": cv, "sign_consistency": consistency})
 
 
 def posterior_circuit(fit_result, index: EdgeIndex) -> tuple[np.ndarray, np.ndarray]:
@@ -286,16 +304,17 @@ class StabilityResult:
     resamples: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def summary(self) -> dict:
-        exact = self.edges
-        finite_cv = exact["cv"][np.isfinite(exact["cv"])] if len(exact) else pd.Series(dtype=float)
+        exact = self.edges[self.edges["n_inputs"] >= 2] if len(self.edges) else self.edges  # a spread needs two
+        cv = exact["cv"].dropna() if len(exact) else pd.Series(dtype=float)  # inf (zero mean, some spread) kept
+        signs = exact["sign_consistency"].dropna() if len(exact) else pd.Series(dtype=float)
         return {
             "settings": self.settings,
             "headline": self.headline(),
             "bootstrap": json.loads(self.bootstrap.to_json(orient="records")),
             "exact_variability": None if exact.empty else {
-                "n_edges": int(len(exact)), "median_cv": float(finite_cv.median()) if len(finite_cv) else None,
-                "median_sign_consistency": float(exact["sign_consistency"].median()),
-                "share_sign_consistent_90": float((exact["sign_consistency"] >= 0.9).mean()),
+                "n_edges": int(len(exact)), "median_cv": float(cv.median()) if len(cv) else None,
+                "median_sign_consistency": float(signs.median()) if len(signs) else None,
+                "share_sign_consistent_90": float((signs >= 0.9).mean()) if len(signs) else None,
             },
         }
 
@@ -323,7 +342,11 @@ class StabilityResult:
             sel = r.selection if pd.isna(r.k) and pd.isna(r.threshold) else (
                 f"top-k k={int(r.k)}" if not pd.isna(r.k) else f"|mean|>{r.threshold:g}")
             lines.append(f"{r.pipeline:<13}{str(r.method)[:25]:<26}{sel[:19]:<20}{int(r.circuit_size):>6}"
-                         f"{r.jaccard_mean:>8.3f}{r.jaccard_p05:>8.3f}{r.spearman_mean:>10.3f}{r.kendall_mean:>9.3f}")
+                         f"{r.jaccard_mean:>8.3f}{r.jaccard_p05:>8.3f}{r.spearman_mean:>10.3f}{r.kendall_mean:>9.3f}"
+                         + ("  (empty)" if r.boot_size_mean == 0 else ""))
+        if (b["boot_size_mean"] == 0).any():
+            lines.append("(empty): nothing is left after pruning on any resample; J = 1 only says every resample "
+                         "chose nothing. Use a larger k or a smaller threshold.")
         mj = self.methods_jaccard
         if len(mj) and mj["method_a"].nunique() > 1:
             for selection, group in mj.groupby("selection", sort=False):
@@ -399,7 +422,7 @@ def _dense(frame: pd.DataFrame, inputs: np.ndarray, edges: list[str]) -> np.ndar
 
 def _ks(k, n_edges: int) -> list[int]:
     if k is None:
-        return sorted({max(1, int(round(f * n_edges))) for f in (0.01, 0.05, 0.1)})
+        return sorted({max(1, int(np.floor(f * n_edges + 0.5))) for f in (0.01, 0.05, 0.1)})  # halves up
     ks = [int(x) for x in ([k] if np.isscalar(k) else k)]
     bad = [x for x in ks if x < 1]
     if bad:
@@ -495,17 +518,23 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
     frame = _load(scores)
     labels = sorted(str(m) for m in frame[schema.METHOD].unique())
     if methods is not None:
-        methods = list(methods)
+        methods = list(dict.fromkeys(str(m) for m in methods))
+        if not methods:
+            raise BayescircError(f"methods: no method labels given (the scores have {labels}).")
         unknown = [m for m in methods if m not in labels]
         if unknown:
             raise BayescircError(f"method {unknown[0]!r} is not in the scores (it has {labels}).")
         labels = methods
+        frame = frame[frame[schema.METHOD].isin(labels)]  # resample these methods' inputs, over their edges
     edges = sorted(str(e) for e in frame[schema.EDGE].unique())
     index = EdgeIndex.from_edges(edges)
     inputs = np.sort(frame[schema.INPUT_ID].unique())
     counts = bootstrap_counts(len(inputs), bootstrap, seed)
     ks = _ks(k, len(edges))
     thresholds = [] if threshold is None else [float(t) for t in ([threshold] if np.isscalar(threshold) else threshold)]
+    bad = [t for t in thresholds if not (np.isfinite(t) and t >= 0)]
+    if bad:
+        raise BayescircError(f"threshold={bad[0]}: a threshold on |mean score| must be a finite number >= 0.")
     nb = min(HEADLINE_BOOTSTRAP if bayes_bootstrap is None else bayes_bootstrap, bootstrap) if bayes else None
     if bayes and nb < 2:
         raise BayescircError(f"bayes_bootstrap={nb}: need at least 2 resamples.")
@@ -560,7 +589,7 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         own_counts = counts[:, np.searchsorted(inputs, own)]
         means = weighted_means(values, own_counts)
         full = weighted_means(values, np.ones((1, len(own))))[0]
-        spearman, kendall = _rank_correlations(np.abs(means))
+        spearman, kendall = _rank_correlations(np.abs(means), scored=np.isfinite(full))
         selections = [("top-k", {"k": kk}) for kk in ks] + [("threshold", {"threshold": t}) for t in thresholds]
         for name, param in selections:
             circuit = index.prune(select(full, **param))[0]

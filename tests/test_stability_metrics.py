@@ -34,7 +34,8 @@ def scores_table(per_method: dict[str, np.ndarray]) -> pd.DataFrame:
     rows = []
     for method, values in per_method.items():
         for i, row in enumerate(values):
-            rows += [{"input_id": i, "edge": e, "method": method, "score": float(v)} for e, v in zip(EDGES, row)]
+            rows += [{"input_id": i, "edge": e, "method": method, "score": float(v)} for e, v in zip(EDGES, row)
+                     if not np.isnan(v)]  # NaN: not scored
     return pd.DataFrame(rows)
 
 
@@ -123,6 +124,31 @@ def test_exact_variability_by_hand():
     assert table.loc["e2", "cv"] == np.inf and table.loc["e2", "sign_consistency"] == 0.25
 
 
+def test_sign_consistency_needs_two_inputs_and_a_nonzero_score():
+    values = np.array([[1.0, 0.0, 4.0], [np.nan, 0.0, 5.0]])  # e1 on one input, e2 always exactly 0
+    table = exact_variability(values, ["e1", "e2", "e3"]).set_index("edge")
+    assert np.isnan(table.loc["e1", "sign_consistency"]) and np.isnan(table.loc["e2", "sign_consistency"])
+    assert table.loc["e3", "sign_consistency"] == 1.0
+
+
+def test_the_exact_summary_covers_edges_scored_on_two_inputs_or_more():
+    exact = np.array([[1.0, 2.0, 0.0], [1.2, 2.2, np.nan], [0.8, -2.0, np.nan]])  # C: one input only
+    s = stability(scores_table({"exact": exact}), bootstrap=4, k=[3], progress=False).summary()["exact_variability"]
+    assert s["n_edges"] == 2  # A and B
+    assert s["median_sign_consistency"] == pytest.approx((1 + 2 / 3) / 2)
+    assert s["share_sign_consistent_90"] == 0.5
+
+
+def test_rank_correlations_are_over_the_edges_the_method_scores(rng):
+    from bayescirc.stability_metrics import _rank_correlations
+
+    noise = np.abs(rng.normal(size=(40, 30)))
+    padded = np.hstack([noise, np.full((40, 300), np.nan)])  # 300 edges the method never scores
+    scored = np.r_[np.ones(30, bool), np.zeros(300, bool)]
+    assert _rank_correlations(padded, scored) == pytest.approx(_rank_correlations(noise))
+    assert abs(_rank_correlations(padded, scored)[0]) < 0.2  # not the ~1 a tied block of 300 would give
+
+
 def test_result_tables_files_and_screen(tmp_path):
     result = stability(scores_table({"exact": EXACT, "eap": EXACT * 0.9}), bootstrap=10, k=[1, 2], progress=False)
     out = result.save(tmp_path / "stab")
@@ -142,6 +168,27 @@ def test_bad_options_are_user_errors():
         stability(table, methods=["eap"], progress=False)
     with pytest.raises(BayescircError, match="k=0"):
         stability(table, k=[0], progress=False)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(BayescircError, match=f"threshold={bad}: .* finite number >= 0"):
+            stability(table, threshold=[bad], progress=False)
+    with pytest.raises(BayescircError, match="no method labels given"):
+        stability(table, methods=[], progress=False)
+
+
+def test_methods_restrict_the_resampled_inputs_and_repeat_once():
+    # exact on inputs 0-1, eap on inputs 0-5: analysing exact alone resamples exact's own two inputs
+    eap = np.tile(EXACT * 0.9, (3, 1))
+    table = pd.concat([scores_table({"exact": EXACT}), scores_table({"eap": eap})])
+    alone = stability(scores_table({"exact": EXACT}), bootstrap=20, k=[1, 2], seed=2, progress=False)
+    chosen = stability(table, methods=["exact", "exact"], bootstrap=20, k=[1, 2], seed=2, progress=False)
+    pd.testing.assert_frame_equal(chosen.bootstrap, alone.bootstrap)
+    assert chosen.settings["n_inputs"] == 2
+
+
+def test_an_empty_selection_is_flagged_on_screen():
+    dangling = np.array([[3.0, 0.1, 0.2], [2.5, 0.2, 0.1]])  # top-1 is input->m0, which reaches no logits
+    text = stability(scores_table({"exact": dangling}), bootstrap=5, k=[1], progress=False).to_text()
+    assert "(empty)" in text and "J = 1 only says every resample chose nothing" in text  # top-1 keeps no path
 
 
 # --- the Bayesian side ------------------------------------------------------------------------------------
