@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DenseBlock", "PatternMoments", "pattern_codes"]
+__all__ = ["DenseBlock", "PatternMoments", "TooManyMethods", "pattern_codes"]
+
+
+class TooManyMethods(ValueError):
+    """More methods than the observation-pattern codes hold (64)."""
 
 SUB_BLOCK = 4  # inputs converted to float64 at a time: small enough to stay in cache
 
@@ -27,7 +31,7 @@ def code_dtype(n_methods: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
         if n_methods <= np.dtype(dtype).itemsize * 8:
             return np.dtype(dtype)
-    raise ValueError(f"{n_methods} methods: at most 64 are supported in one scores file")
+    raise TooManyMethods(f"{n_methods} methods: at most 64 are supported in one scores file")
 
 
 def pattern_codes(observed: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ QKV = ("q", "k", "v")
 # Edge "types" used for pooling in the fit; names that do not parse fall in OTHER.
 OTHER = "other"
 
-_NODE = re.compile(r"^(?:(?P<input>input)|(?P<logits>logits)|a(?P<al>\d+)\.h(?P<ah>\d+)|m(?P<ml>\d+))$")
+_N = r"(?:0|[1-9]\d*)"  # no leading zeros: a00.h3 would be a second spelling of a0.h3
+_NODE = re.compile(rf"^(?:(?P<input>input)|(?P<logits>logits)|a(?P<al>{_N})\.h(?P<ah>{_N})|m(?P<ml>{_N}))$")
 _EDGE = re.compile(r"^(?P<src>[^<>\-]+)->(?P<dst>[^<>\-]+?)(?:<(?P<qkv>[qkv])>)?$")
 
 

@@ -13,6 +13,7 @@ scores; see :class:`SufficientStats`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 from . import schema
 from ._io import atomic_path
 from ._moments import DenseBlock, PatternMoments
+from ._moments import TooManyMethods as _TooManyMethods
 from .errors import ScoresError
 from .graph import QKV, edge_table, parse_edge
 
@@ -48,6 +50,10 @@ __all__ = [
 ]
 
 ROW_GROUP_SIZE = 1 << 20
+
+
+class MethodLabelWarning(UserWarning):
+    """A method label that looks like a misspelling of ``exact``."""
 
 
 class EdgeNameWarning(UserWarning):
@@ -115,7 +121,20 @@ def _check_columns(arrow_schema: pa.Schema, source: str) -> None:
 def _is_stringlike(dtype: pa.DataType) -> bool:
     if pa.types.is_dictionary(dtype):
         dtype = dtype.value_type
-    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def _plain_strings(data):
+    """``data`` (a batch or table) with string-view edge and method columns as plain strings.
+
+    Polars writes string columns as ``string_view`` (Utf8View); the rest of the
+    reader, and Arrow's string kernels, work on ``string``.
+    """
+    for col in (schema.EDGE, schema.METHOD):
+        i = data.schema.get_field_index(col)
+        if i >= 0 and pa.types.is_string_view(data.schema.field(i).type):
+            data = data.set_column(i, col, pc.cast(data.column(i), pa.string()))
+    return data
 
 
 def _check_batch(batch: pa.RecordBatch, source: str, row_offset: int) -> None:
@@ -129,6 +148,12 @@ def _check_batch(batch: pa.RecordBatch, source: str, row_offset: int) -> None:
                 f"{column.null_count} null(s) in this part. Every row needs all four of {list(schema.REQUIRED_COLUMNS)}."
             )
     ids = batch.column(schema.INPUT_ID).to_numpy()
+    if len(ids) and ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:
+        i = int(np.flatnonzero(ids > np.iinfo(np.int64).max)[0])
+        raise ScoresError(
+            f"{source}: column 'input_id' is {ids[i]} at row {row_offset + i}, beyond int64. "
+            "input_id is the 0-based index of the input in the task dataset; renumber the inputs from 0."
+        )
     if len(ids) and ids.min() < 0:
         i = int(np.flatnonzero(ids < 0)[0])
         raise ScoresError(
@@ -168,6 +193,20 @@ def _warn_unparsed_names(unparsed: list[str], source: str) -> None:
             EdgeNameWarning,
             stacklevel=4,
         )
+
+
+def _warn_near_exact(methods: list[str], source: str) -> None:
+    """Warn about labels that look like ``exact`` but are not: they would be taken as approximate methods."""
+    for label in methods:
+        base = schema.parse_method(label)[0]
+        if base == schema.EXACT:
+            continue
+        plain = base.strip().lower().replace("_", "-")
+        if plain == schema.EXACT or difflib.get_close_matches(plain, [schema.EXACT], n=1, cutoff=0.8):
+            warnings.warn(f"{source}: method {label!r} looks like {schema.EXACT!r} but is not spelled so: it is "
+                          "treated as an approximate method, so its scores do not anchor the approximation error. "
+                          f"Rename it to {schema.EXACT!r} if it holds exact activation-patching scores.",
+                          MethodLabelWarning, stacklevel=4)
 
 
 def _check_declared_methods(metadata: dict, methods: list[str], source: str) -> None:
@@ -216,6 +255,7 @@ def validate_scores(table: pd.DataFrame | pa.Table, source: str = "scores table"
                 "Drop them (df['method'] = df['method'].cat.remove_unused_categories()) or collect them."
             )
     _check_declared_methods(metadata, methods, source)
+    _warn_near_exact(methods, source)
     frame = pd.DataFrame({
         "i": table.column(schema.INPUT_ID).to_numpy(),
         "e": _decoded(table.column(schema.EDGE)).to_numpy(zero_copy_only=False),
@@ -259,9 +299,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if raw is None:
         return {}
     try:
-        return json.loads(raw)
+        meta = json.loads(raw)
     except json.JSONDecodeError:
         raise ScoresError(f"{parts[0]}: the '{schema.METADATA_KEY.decode()}' metadata is not valid JSON.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("methods", {}), dict | type(None)):
+        raise ScoresError(f"{parts[0]}: the '{schema.METADATA_KEY.decode()}' metadata must be a JSON object whose "
+                          "'methods' (if any) maps method labels to their parameters; write it with "
+                          "bayescirc.write_scores(..., metadata=...).")
+    return meta
 
 
 def _iter_batches(parts: list[Path], columns: list[str], filter_ids: tuple[int, int] | None = None,
@@ -282,9 +327,21 @@ def _iter_batches(parts: list[Path], columns: list[str], filter_ids: tuple[int, 
                 if stats is not None and stats.has_min_max and (stats.max < filter_ids[0] or stats.min >= filter_ids[1]):
                     offset += pf.metadata.row_group(rg).num_rows
                     continue
-            for batch in pf.iter_batches(columns=columns, row_groups=[rg], batch_size=ROW_GROUP_SIZE):
-                yield batch, str(part), offset
-                offset += batch.num_rows
+            with _decoding(part, rg):
+                for batch in pf.iter_batches(columns=columns, row_groups=[rg], batch_size=ROW_GROUP_SIZE):
+                    yield _plain_strings(batch), str(part), offset
+                    offset += batch.num_rows
+
+
+@contextlib.contextmanager
+def _decoding(part: Path, row_group: int | None = None) -> Iterator[None]:
+    """Turn a damaged part's decoding error (a corrupt or truncated page) into a :class:`ScoresError`."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        where = f"row group {row_group}" if row_group is not None else "its data"
+        raise ScoresError(f"{part}: cannot decode {where} ({exc}); the file is damaged or truncated: "
+                          "write or copy it again.") from None
 
 
 def read_scores(path: str | os.PathLike, columns: list[str] | None = None, validate: bool = True) -> pd.DataFrame:
@@ -312,7 +369,8 @@ def read_scores(path: str | os.PathLike, columns: list[str] | None = None, valid
         wanted = None
         if columns is not None:
             wanted = list(dict.fromkeys([*schema.REQUIRED_COLUMNS, *columns]))
-        table = pf.read(columns=wanted)
+        with _decoding(part):
+            table = _plain_strings(pf.read(columns=wanted))
         if validate:
             validate_scores(table, source=str(part))
         tables.append(table)
@@ -828,15 +886,18 @@ def sufficient_statistics(path: str | os.PathLike, memory_budget: float = 2 * 2*
     id_range = _id_range(files)
     del files
     result = None
-    if id_range is not None:
-        reader = _Reader(parts, _Coder(), _Coder())
-        try:
-            result = _one_pass(reader, id_range, dtype, memory_budget)
-        except _DoesNotFit:
-            result = None
-    if result is None:
-        reader = _Reader(parts, _Coder(), _Coder())
-        result = _chunked(reader, dtype, memory_budget)
+    try:
+        if id_range is not None:
+            reader = _Reader(parts, _Coder(), _Coder())
+            try:
+                result = _one_pass(reader, id_range, dtype, memory_budget)
+            except _DoesNotFit:
+                result = None
+        if result is None:
+            reader = _Reader(parts, _Coder(), _Coder())
+            result = _chunked(reader, dtype, memory_budget)
+    except _TooManyMethods as exc:
+        raise ScoresError(f"{source}: {exc}; split the methods over several files and fit them apart.") from None
     if result is None:
         raise ScoresError(f"{parts[0] if len(parts) == 1 else parts[0].parent}: the scores file is empty (no rows). "
                           "Collect or simulate some scores first.")
@@ -859,6 +920,7 @@ def _assemble(moments: PatternMoments, edge_names: list[str], method_names: list
     edges = [edge_names[i] for i in edge_idx]
     methods = [method_names[m] for m in method_idx]
     _check_declared_methods(metadata, methods, source)
+    _warn_near_exact(methods, source)
     _warn_unparsed_names([edge_names[i] for i in edge_idx if keys[i][0] == 1], source)
     final = {c: sum(1 << j for j, m in enumerate(method_idx) if c >> int(m) & 1) for c in codes}
     codes = sorted(codes, key=lambda c: (-bin(final[c]).count("1"), final[c]))
@@ -875,7 +937,7 @@ def scores_summary(path: str | os.PathLike) -> dict:
     per = stats.per_method()
     methods = {m: {"inputs": int(per.loc[per.method == m, "n"].max()), "edges": int((per.method == m).sum()),
                    "rows": int(per.loc[per.method == m, "n"].sum()),
-                   "mean_abs_score": float(per.loc[per.method == m, "mean"].abs().mean())}
+                   "mean_abs_edge_mean": float(per.loc[per.method == m, "mean"].abs().mean())}
                for m in stats.methods}
     return {
         "path": str(path),
@@ -952,5 +1014,8 @@ def _iter_method_batches(parts: list[Path], method: str) -> Iterator[tuple[pa.Re
             stats = pf.metadata.row_group(rg).column(col).statistics
             if stats is not None and stats.has_min_max and isinstance(stats.min, str) and not stats.min <= method <= stats.max:
                 continue
-            for batch in pf.iter_batches(columns=list(schema.REQUIRED_COLUMNS), row_groups=[rg], batch_size=ROW_GROUP_SIZE):
-                yield batch, str(part), 0
+            with _decoding(part, rg):
+                batches = pf.iter_batches(columns=list(schema.REQUIRED_COLUMNS), row_groups=[rg],
+                                          batch_size=ROW_GROUP_SIZE)
+                for batch in batches:
+                    yield _plain_strings(batch), str(part), 0

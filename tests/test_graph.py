@@ -67,7 +67,8 @@ def test_parse_edge_fields():
     "a1.h0->a1.h2<k>",     # same-layer heads
     "attn0->mlp1",         # unknown node
     "a0.h1 -> m1",         # spaces
-    "",
+    "a00.h3->m1",          # a second spelling of a0.h3
+    "input->m01",
 ])
 def test_malformed_edges_are_rejected(bad):
     with pytest.raises(ValueError):

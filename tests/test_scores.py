@@ -16,6 +16,7 @@ from bayescirc.errors import ScoresError
 from bayescirc.graph import Graph
 from bayescirc.scores import (
     EdgeNameWarning,
+    MethodLabelWarning,
     ScoresWriter,
     read_metadata,
     read_scores,
@@ -203,6 +204,64 @@ def test_missing_path_and_non_parquet_files_get_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ScoresError, match="no \\*.parquet"):
         read_scores(tmp_path / "empty_dir")
+
+
+def test_string_view_columns_as_polars_writes_them_are_read(tmp_path):
+    frame = small_scores()
+    table = pa.table({"input_id": frame.input_id.to_numpy(), "edge": pa.array(frame.edge, pa.string_view()),
+                      "method": pa.array(frame.method, pa.string_view()), "score": frame.score.to_numpy()})
+    pq.write_table(table, tmp_path / "polars.parquet")
+    back = read_scores(tmp_path / "polars.parquet")
+    assert set(back.edge) == set(frame.edge) and len(back) == len(frame)
+    plain = sufficient_statistics(_write(tmp_path, frame, "plain.parquet"))
+    view = sufficient_statistics(tmp_path / "polars.parquet")
+    assert np.array_equal(view.n, plain.n) and np.allclose(view.sums, plain.sums)
+
+
+def test_a_damaged_data_page_names_the_file_and_row_group(tmp_path):
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.Table.from_pandas(small_scores(n_inputs=400), preserve_index=False), path,
+                   row_group_size=200, compression="zstd")
+    data = bytearray(path.read_bytes())
+    data[200:2200] = bytes(2000)  # data pages come before the footer, which stays readable
+    path.write_bytes(bytes(data))
+    for read in (read_scores, sufficient_statistics):
+        with pytest.raises(ScoresError, match=r"damaged.parquet: cannot decode .*damaged or truncated"):
+            read(path)
+
+
+def test_more_methods_than_the_pattern_codes_hold_is_an_error_naming_the_file(tmp_path):
+    frame = small_scores(n_inputs=1, methods=[f"eap:k={i}" for i in range(65)])
+    path = _write(tmp_path, frame)
+    with pytest.raises(ScoresError, match=r"bad.parquet: 65 methods: at most 64"):
+        sufficient_statistics(path)
+
+
+def test_input_ids_beyond_int64_are_refused(tmp_path):
+    frame = small_scores(n_inputs=2)
+    table = pa.table({"input_id": pa.array(frame.input_id.to_numpy().astype(np.uint64) + np.uint64(2**63), pa.uint64()),
+                      "edge": frame.edge, "method": frame.method, "score": frame.score})
+    pq.write_table(table, tmp_path / "big.parquet")
+    with pytest.raises(ScoresError, match="input_id' is 9223372036854775808 at row 0, beyond int64"):
+        read_scores(tmp_path / "big.parquet")
+
+
+def test_metadata_that_is_not_an_object_is_refused(tmp_path):
+    table = pa.Table.from_pandas(small_scores(), preserve_index=False)
+    for bad in ([1, 2], {"methods": "exact"}):
+        pq.write_table(table.replace_schema_metadata({schema.METADATA_KEY: json.dumps(bad).encode()}),
+                       tmp_path / "m.parquet")
+        with pytest.raises(ScoresError, match="metadata must be a JSON object"):
+            read_metadata(tmp_path / "m.parquet")
+
+
+@pytest.mark.parametrize("label", ["Exact", "EXACT", "exact ", "exakt"])
+def test_a_label_that_looks_like_exact_but_is_not_warns(tmp_path, label):
+    path = _write(tmp_path, small_scores(methods=(label, "eap")))
+    with pytest.warns(MethodLabelWarning, match=f"{label!r} looks like 'exact'"):
+        read_scores(path)
+    with pytest.warns(MethodLabelWarning):
+        sufficient_statistics(path)
 
 
 # --- sufficient statistics equal a direct groupby -----------------------------------------------

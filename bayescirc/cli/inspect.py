@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from .._io import strict_json
 from ..scores import scores_summary
 
 
@@ -20,13 +19,13 @@ def command(scores, as_json):
     """
     summary = scores_summary(scores)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(strict_json(summary, indent=2, default=str))
         return
     meta = summary["metadata"]
     click.echo(f"{summary['path']}: {summary['rows']:,} rows, {summary['inputs']:,} inputs, {summary['edges']:,} edges")
     for key in ("model", "task", "metric", "sign_convention", "package_version"):
         if key in meta:
             click.echo(f"  {key}: {meta[key]}")
-    click.echo(f"  {'method':<28}{'inputs':>8}{'edges':>9}{'rows':>12}{'mean |score|':>14}")
+    click.echo(f"  {'method':<28}{'inputs':>8}{'edges':>9}{'rows':>12}{'mean |edge mean|':>18}")
     for name, m in summary["methods"].items():
-        click.echo(f"  {name:<28}{m['inputs']:>8,}{m['edges']:>9,}{m['rows']:>12,}{m['mean_abs_score']:>14.4g}")
+        click.echo(f"  {name:<28}{m['inputs']:>8,}{m['edges']:>9,}{m['rows']:>12,}{m['mean_abs_edge_mean']:>18.4g}")
