@@ -446,15 +446,16 @@ class ScoresWriter:
     metadata : dict, optional
         Fields of the ``bayescirc`` metadata (see ``schema.METADATA_FIELDS``).
     score_dtype : {"float32", "float64"}, default "float32"
-    extra_columns : dict of name -> numpy dtype, optional
+    extra_columns : dict of name -> numpy dtype or Arrow type, optional
         Optional columns (e.g. ``clean_metric``) written after the four required ones.
     """
 
     def __init__(self, path, metadata: dict | None = None, score_dtype: str = "float32",
-                 extra_columns: dict[str, str] | None = None):
+                 extra_columns: dict[str, str | pa.DataType] | None = None):
         self.path = Path(path)
         self._extra = dict(extra_columns or {})
-        extra_fields = [pa.field(name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in self._extra.items()]
+        extra_fields = [pa.field(name, dt if isinstance(dt, pa.DataType) else pa.from_numpy_dtype(np.dtype(dt)))
+                        for name, dt in self._extra.items()]
         self.schema = _arrow_schema(pa.from_numpy_dtype(np.dtype(score_dtype)), extra_fields, metadata)
         self._ctx = None
         self._writer = None
@@ -483,7 +484,8 @@ class ScoresWriter:
                     arr = pc.dictionary_encode(pa.array(np.asarray(values, dtype=object), pa.string()))
                     arr = pa.DictionaryArray.from_arrays(pc.cast(arr.indices, pa.int32()), arr.dictionary)
             else:
-                arr = pa.array(np.asarray(values), fld.type)
+                values = np.asarray(values)
+                arr = pa.array(values.astype(object) if values.dtype.kind in "OUS" else values, fld.type, from_pandas=True)
             arrays.append(arr)
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
         self._writer.write_batch(batch, row_group_size=ROW_GROUP_SIZE)
@@ -499,6 +501,15 @@ class ScoresWriter:
         return self._ctx.__exit__(exc_type, exc, tb)
 
 
+def _column_type(column: pd.Series, source: str) -> pa.DataType:
+    """The Arrow type an extra column is written with (categoricals as plain strings)."""
+    try:
+        dtype = pa.Table.from_pandas(column.to_frame(), preserve_index=False).schema.field(0).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ScoresError(f"{source}: extra column {column.name!r} cannot be written to parquet ({exc}).") from None
+    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+
+
 def write_scores(table: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None,
                  score_dtype: str | None = None) -> Path:
     """Validate ``table`` and write it as a schema-v1 scores file (atomically).
@@ -508,8 +519,8 @@ def write_scores(table: pd.DataFrame, path: str | os.PathLike, metadata: dict | 
     """
     path = Path(path)
     validate_scores(table, source=f"table for {path}", metadata=metadata)
-    extra = {c: table[c].to_numpy().dtype.str for c in table.columns if c not in schema.REQUIRED_COLUMNS}
-    dtype = score_dtype or (table[schema.SCORE].dtype.name if table[schema.SCORE].dtype.kind == "f" else "float64")
+    extra = {c: _column_type(table[c], f"table for {path}") for c in table.columns if c not in schema.REQUIRED_COLUMNS}
+    dtype = score_dtype or ("float32" if table[schema.SCORE].dtype == np.float32 else "float64")  # the contract's two
     with ScoresWriter(path, metadata=metadata, score_dtype=dtype, extra_columns=extra) as writer:
         writer.write(table)
     return path

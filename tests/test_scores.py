@@ -206,6 +206,16 @@ def test_missing_path_and_non_parquet_files_get_errors(tmp_path):
         read_scores(tmp_path / "empty_dir")
 
 
+def test_write_scores_keeps_string_extra_columns_and_writes_scores_in_a_contract_float(tmp_path):
+    frame = small_scores().assign(note="seen", split=lambda f: pd.Categorical(np.where(f.input_id < 2, "a", "b")))
+    frame["score"] = frame["score"].astype("Float64")  # pandas' nullable float, no missing values
+    back = read_scores(write_scores(frame, tmp_path / "extra.parquet"))
+    assert set(back.note) == {"seen"} and set(back.split) == {"a", "b"}
+    assert pq.read_schema(tmp_path / "extra.parquet").field("score").type == pa.float64()
+    half = small_scores().assign(score=lambda f: f.score.astype(np.float16))
+    assert pq.read_schema(write_scores(half, tmp_path / "half.parquet")).field("score").type == pa.float64()
+
+
 def test_string_view_columns_as_polars_writes_them_are_read(tmp_path):
     frame = small_scores()
     table = pa.table({"input_id": frame.input_id.to_numpy(), "edge": pa.array(frame.edge, pa.string_view()),
