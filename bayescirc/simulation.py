@@ -40,9 +40,11 @@ import pyarrow.parquet as pq
 
 from . import schema
 from ._io import atomic_path
+from .errors import BayescircError
 from .graph import LOGITS, Graph, parse_edge
 
-__all__ = ["MethodError", "SimulationConfig", "Simulation", "simulate", "write_simulation", "read_truth"]
+__all__ = ["MethodError", "SimulationConfig", "Simulation", "simulate", "write_simulation", "read_truth",
+           "truth_path_for"]
 
 
 ERROR_FIELDS = ("bias", "scale", "edge_sd", "noise_sd")
@@ -135,6 +137,8 @@ class SimulationConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.n_layers < 1 or self.n_heads < 1:
+            raise ValueError(f"n_layers and n_heads must be >= 1, got {self.n_layers} and {self.n_heads}")
         if self.n_inputs < 1:
             raise ValueError(f"n_inputs must be >= 1, got {self.n_inputs}")
         if self.n_exact is None:
@@ -308,13 +312,29 @@ def _config(config: SimulationConfig | None, overrides: dict) -> SimulationConfi
     return config
 
 
+def truth_path_for(path: str | os.PathLike) -> Path:
+    """Default truth table beside a scores file: ``sim.parquet`` -> ``sim.truth.parquet``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".parquet") + ".truth.parquet")
+
+
+def _output_error(path: Path, exc: OSError) -> BayescircError:
+    """A one-line user error for an output path that cannot be written."""
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:
+        return BayescircError(f"cannot write {path}: {blocking} is a file, not a folder. Choose another output path.")
+    return BayescircError(f"cannot write {path} ({exc.strerror or exc}). Choose another output path.")
+
+
 def write_simulation(path: str | os.PathLike, config: SimulationConfig | None = None,
                      truth_path: str | os.PathLike | None = None, progress: bool = False, **overrides) -> tuple[Path, Path]:
     """Stream a simulation to ``path`` (scores.parquet) and its truth to ``truth_path``.
 
     ``truth_path`` defaults to ``<path stem>.truth.parquet`` beside ``path``.
     Memory stays bounded by one chunk of inputs, so GPT-2-small-sized files
-    (97 M rows) can be written. Returns both paths.
+    (97 M rows) can be written. Returns both paths. An output that cannot be
+    written, or a ``truth_path`` that is ``path``, raises
+    :class:`~bayescirc.errors.BayescircError`.
     """
     from tqdm.auto import tqdm
 
@@ -322,19 +342,34 @@ def write_simulation(path: str | os.PathLike, config: SimulationConfig | None = 
 
     config = _config(config, overrides)
     path = Path(path)
-    truth_path = Path(truth_path) if truth_path else path.with_name(path.name.removesuffix(".parquet") + ".truth.parquet")
+    truth_path = Path(truth_path) if truth_path else truth_path_for(path)
+    if truth_path.resolve() == path.resolve():
+        raise BayescircError(f"the truth table and the scores would both be written to {path}; give each its own path.")
+    for out in (path, truth_path):  # both checked first, so a bad truth path does not leave scores without truth
+        if out.is_dir():
+            raise BayescircError(f"cannot write {out}: it is a directory. Give a file path ending in .parquet.")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _output_error(out, exc) from None
     _, truth = truth_table(config)
     chunk = max(1, 2_000_000 // max(1, len(truth) * (1 + len(config.methods))))
-    with ScoresWriter(path, metadata=_metadata(config), score_dtype="float32") as writer:
-        bar = tqdm(total=config.n_inputs, unit="input", desc="simulate", disable=not progress)
-        for frame in _chunks(config, truth, chunk):
-            writer.write(frame)
-            bar.update(frame[schema.INPUT_ID].nunique())
-        bar.close()
+    try:
+        with ScoresWriter(path, metadata=_metadata(config), score_dtype="float32") as writer:
+            bar = tqdm(total=config.n_inputs, unit="input", desc="simulate", disable=not progress)
+            for frame in _chunks(config, truth, chunk):
+                writer.write(frame)
+                bar.update(frame[schema.INPUT_ID].nunique())
+            bar.close()
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     table = pa.Table.from_pandas(truth, preserve_index=False)
     table = table.replace_schema_metadata({schema.METADATA_KEY: json.dumps({"simulation": config.to_dict()}).encode()})
-    with atomic_path(truth_path) as tmp:
-        pq.write_table(table, tmp)
+    try:
+        with atomic_path(truth_path) as tmp:
+            pq.write_table(table, tmp)
+    except OSError as exc:
+        raise _output_error(truth_path, exc) from None
     return path, truth_path
 
 

@@ -3,7 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
+from bayescirc.cli import cli
 from bayescirc.graph import prune_to_paths
 from bayescirc.scores import read_scores, sufficient_statistics
 from bayescirc.simulation import MethodError, SimulationConfig, read_truth, simulate, truth_table, write_simulation
@@ -115,3 +117,47 @@ def test_invalid_configs_are_refused():
         SimulationConfig(heavy_tails=2.0)
     with pytest.raises(ValueError, match="nothing to simulate"):
         SimulationConfig(n_exact=0, methods={})
+    with pytest.raises(ValueError, match="n_layers and n_heads must be >= 1"):
+        SimulationConfig(n_heads=0)
+
+
+def simulate_cli(*args):
+    """`bayescirc simulate` on a tiny graph; user errors must exit 2 with one line, no traceback."""
+    return CliRunner().invoke(cli, ["simulate", "--layers", "1", "--heads", "2", "--inputs", "4", "-q", *args])
+
+
+def assert_usage_error(result, *names):
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert all(name in result.output for name in names), result.output
+
+
+def test_cli_refuses_a_truth_path_that_is_the_out_path(tmp_path):
+    out = tmp_path / "sim.parquet"
+    result = simulate_cli("--out", str(out), "--truth", str(tmp_path / "sub" / ".." / "sim.parquet"))
+    assert_usage_error(result, "--truth", "--out")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("methods, says", [
+    ([":scale=1"], "needs a name"),
+    (["eap", "eap:scale=2"], "'eap' is given twice"),
+])
+def test_cli_refuses_empty_and_repeated_method_names(tmp_path, methods, says):
+    out = tmp_path / "sim.parquet"
+    result = simulate_cli("--out", str(out), *(arg for m in methods for arg in ("--method", m)))
+    assert_usage_error(result, "--method", says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--layers", "0"), ("--heads", "0"), ("--layers", "-1")])
+def test_cli_refuses_a_graph_without_layers_or_heads(tmp_path, option, value):
+    result = simulate_cli("--out", str(tmp_path / "sim.parquet"), option, value)
+    assert_usage_error(result, option)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_names_an_output_path_whose_folder_is_a_file(tmp_path):
+    (tmp_path / "somefile").write_text("not a folder")
+    result = simulate_cli("--out", str(tmp_path / "somefile" / "x.parquet"))
+    assert_usage_error(result, "error: cannot write", "somefile is a file, not a folder")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..simulation import ERROR_FIELDS, MethodError, SimulationConfig, write_simulation
+from ..simulation import ERROR_FIELDS, MethodError, SimulationConfig, truth_path_for, write_simulation
 
 
 def _parse_method(value: str) -> tuple[str, MethodError]:
     name, _, spec = value.partition(":")
+    if not name.strip():
+        raise click.BadParameter(f"{value!r}: the method needs a name before ':', e.g. 'eap:scale=0.8'",
+                                 param_hint="--method")
     params, by_type = {}, {}
     for item in filter(None, spec.split(",")):
         key, eq, number = item.partition("=")
@@ -31,16 +36,29 @@ def _parse_method(value: str) -> tuple[str, MethodError]:
         raise click.BadParameter(f"{value!r}: {exc}", param_hint="--method") from None
 
 
+def _parse_methods(ctx, param, values: tuple[str, ...]) -> dict[str, MethodError]:
+    """``--method`` callback: label -> error model, each label given once."""
+    methods = {}
+    for value in values:
+        name, error = _parse_method(value)
+        if name in methods:
+            raise click.BadParameter(f"method {name!r} is given twice; give each method once, with all its "
+                                     "settings in one NAME:k=v,... value", param_hint="--method")
+        methods[name] = error
+    return methods
+
+
 @click.command(name="simulate")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="scores.parquet to write.")
 @click.option("--truth", type=click.Path(dir_okay=False), default=None,
               help="Truth table to write [default: OUT with .truth.parquet].")
-@click.option("--layers", default=2, show_default=True, help="Number of layers of the simulated graph.")
-@click.option("--heads", default=4, show_default=True, help="Attention heads per layer.")
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Number of layers of the simulated graph.")
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1), help="Attention heads per layer.")
 @click.option("--inputs", "n_inputs", default=200, show_default=True, help="Number of inputs.")
 @click.option("--exact-inputs", "n_exact", type=int, default=None,
               help="Exact scores on the first K inputs (0: approximations only). [default: 20% of the inputs]")
-@click.option("--method", "methods", multiple=True, metavar="NAME[:k=v,...]",
+@click.option("--method", "methods", multiple=True, metavar="NAME[:k=v,...]", callback=_parse_methods,
               help="Approximate method and its error: bias, scale, edge_sd (per-edge systematic error), "
                    "noise_sd (per-input noise); TYPE.FIELD=V sets one for an edge type only, e.g. "
                    "'eap:scale=0.8,input->attn<q>.scale=0.05' (quote it: the shell reads < and >). Repeat for "
@@ -73,11 +91,14 @@ def command(out, truth, layers, heads, n_inputs, n_exact, methods, no_approx, ci
     """
     if no_approx and methods:
         raise click.UsageError("--no-approx and --method exclude each other.")
+    if truth is not None and Path(truth).resolve() == Path(out).resolve():
+        raise click.UsageError(f"--truth and --out name the same file ({out}); give the truth table its own path "
+                               f"(or leave --truth out for {truth_path_for(out)}).")
     kwargs = {}
     if no_approx:
         kwargs["methods"] = {}
     elif methods:
-        kwargs["methods"] = dict(_parse_method(m) for m in methods)
+        kwargs["methods"] = methods
     try:
         config = SimulationConfig(n_layers=layers, n_heads=heads, n_inputs=n_inputs, n_exact=n_exact,
                                   circuit_fraction=circuit_fraction, effect_sd=effect_sd, intrinsic_sd=intrinsic_sd,
