@@ -23,6 +23,7 @@ distribution over posterior circuits.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import pandas as pd
 
 from ._io import atomic_dir, strict_json
 from .errors import BayescircError
+from .metrics import check_metric
 
 __all__ = ["FaithfulnessResult", "circuit_faithfulness", "evaluate", "held_out_inputs", "interval"]
 
@@ -84,23 +86,26 @@ def interval(samples: np.ndarray, prob: float = 0.9) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def held_out_inputs(held_out, n_task: int, n_fit: int | None) -> list[int]:
+def held_out_inputs(held_out, n_task: int, n_fit: int | None, fitted: Sequence[int] | None = None) -> list[int]:
     """Task rows to evaluate on.
 
-    ``None``: every task row after the ``n_fit`` rows the fit saw (rows
-    ``n_fit .. n_task-1``); an int ``N``: the first ``N`` of those; ``"A:B"``:
-    rows ``A .. B-1``; a sequence of ints: those rows.
+    ``None``: every task row the fit did not see; an int ``N``: the first ``N``
+    of those; ``"A:B"``: rows ``A .. B-1``; a sequence of ints: those rows.
+    ``fitted``: the task rows (``input_id``) the fit saw; without it (fits
+    saved before it was recorded) the fit is taken to have seen rows
+    ``0 .. n_fit-1``. Explicit rows that the fit saw are kept, with a warning.
     """
-    start = int(n_fit or 0)
+    seen = set(range(int(n_fit or 0))) if fitted is None else {int(r) for r in fitted}
     if held_out is None or isinstance(held_out, (int, np.integer)):
-        stop = n_task if held_out is None else start + int(held_out)
         if held_out is not None and held_out < 1:
             raise BayescircError(f"held_out={held_out}: ask for at least one held-out input.")
-        if stop > n_task or start >= n_task:
-            raise BayescircError(f"the task has {n_task} inputs and the fit saw the first {start}: "
-                                 f"no room for held-out rows {start}..{stop - 1}. Pass a longer task, or held-out "
+        unseen = [r for r in range(n_task) if r not in seen]
+        wanted = len(unseen) if held_out is None else int(held_out)
+        if not unseen or wanted > len(unseen):
+            raise BayescircError(f"the task has {n_task} inputs and the fit saw {len(seen & set(range(n_task)))} of "
+                                 f"them: {len(unseen)} left, {wanted} asked for. Pass a longer task, or held-out "
                                  "rows explicitly (e.g. --held-out 0:50, which may overlap the fit's inputs).")
-        return list(range(start, stop))
+        return unseen[:wanted]
     if isinstance(held_out, str):
         a, sep, b = held_out.partition(":")
         try:
@@ -112,7 +117,15 @@ def held_out_inputs(held_out, n_task: int, n_fit: int | None) -> list[int]:
     bad = [r for r in rows if not 0 <= r < n_task]
     if not rows or bad:
         raise BayescircError(f"held-out rows must be within the task's {n_task} rows; got {bad[:3] or 'none'}.")
+    overlap = [r for r in rows if r in seen]
+    if overlap:
+        warnings.warn(f"{len(overlap)} of the {len(rows)} held-out rows were fitted (e.g. row {overlap[0]}): their "
+                      "faithfulness is not out of sample.", FaithfulnessWarning, stacklevel=3)
     return rows
+
+
+class FaithfulnessWarning(UserWarning):
+    """Faithfulness that is in-sample or rests on a near-zero denominator."""
 
 
 @dataclass
@@ -169,6 +182,22 @@ class FaithfulnessResult:
         return directory
 
 
+def _warn_small_denominators(clean: np.ndarray, corrupted: np.ndarray, rows: np.ndarray, per_input: bool) -> None:
+    """Warn when faithfulness divides by a gap between clean and corrupted runs that is noise-sized."""
+    gap = clean - corrupted
+    if per_input:
+        tiny = np.abs(gap) < 0.01 * np.median(np.abs(gap))
+        if tiny.any():
+            warnings.warn(f"{int(tiny.sum())} held-out input(s) (e.g. row {int(rows[np.flatnonzero(tiny)[0]])}) have a "
+                          "clean-corrupted gap under 1% of the median: their per-input ratios dominate the average. "
+                          "Drop them (--held-out) or use the ratio of means (without --per-input).",
+                          FaithfulnessWarning, stacklevel=3)
+    elif len(gap) > 1 and abs(gap.mean()) < 2 * gap.std(ddof=1) / np.sqrt(len(gap)):
+        warnings.warn(f"the mean clean-corrupted gap ({gap.mean():.3g}) is within 2 standard errors of 0 on these "
+                      f"{len(gap)} inputs: the model barely separates clean from corrupted, so faithfulness is "
+                      "unstable. Use more held-out inputs or another task.", FaithfulnessWarning, stacklevel=3)
+
+
 def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", held_out=None,
              metric: str = "logit-diff", interval_prob: float = 0.9, per_input: bool = False, device: str = "auto",
              dtype=None, batch_size: int | None = None, seed: int = 0, progress: bool = True) -> FaithfulnessResult:
@@ -212,11 +241,18 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
         fit = load_fit(fit)
     if not isinstance(fit, FitResult):
         raise BayescircError(f"evaluate needs a FitResult or a fit directory, got {type(fit).__name__}.")
+    if not 0 < interval_prob < 1:
+        raise BayescircError(f"interval probability {interval_prob} must be in (0, 1), e.g. 0.9.")
+    try:
+        check_metric(metric)
+    except ValueError as exc:
+        raise BayescircError(str(exc)) from None
     table = read_task(task)
     n_fit = fit.summary.get("n_inputs") or fit.metadata.get("n_inputs")
-    inputs = held_out_inputs(held_out, len(table), n_fit)
+    inputs = held_out_inputs(held_out, len(table), n_fit, fit.summary.get("input_ids"))
     samples = sample_circuits(fit, n=n_circuits, rule=rule, seed=seed)
-    median = samples.median_circuit()
+    # the median-probability circuit of the whole posterior (what `circuits` reports), not of the n sampled
+    median = sample_circuits(fit, rule=rule, seed=seed).median_circuit()
     packed = np.packbits(samples.indicators, axis=1)
     _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
@@ -227,6 +263,8 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
     values = np.asarray(result.values, dtype=np.float64)
     if values.shape[0] != len(circuits):
         raise RuntimeError(f"evaluate_circuits returned {values.shape[0]} rows for {len(circuits)} circuits")
+    _warn_small_denominators(np.asarray(result.clean, float), np.asarray(result.corrupted, float),
+                             np.asarray(getattr(result, "input_ids", inputs)), per_input)
     f = circuit_faithfulness(values, result.clean, result.corrupted, per_input=per_input)
     per_circuit = pd.DataFrame({"circuit": np.arange(samples.n_circuits), "draw": samples.draws,
                                 "size": samples.sizes, "distinct": inverse, "faithfulness": f[inverse]})

@@ -298,7 +298,8 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
     summary = {
         "inference": inference, "likelihood": likelihood, "inclusion_rule": inclusion, "hdi_prob": hdi_prob,
         "threshold": threshold, "threshold_origin": threshold_origin,
-        "n_edges": E, "n_inputs": int(len(stats.input_ids)), "methods": list(approx),
+        "n_edges": E, "n_inputs": int(len(stats.input_ids)), "input_ids": [int(i) for i in stats.input_ids],
+        "methods": list(approx),
         "exact_method": schema.EXACT if has_exact else None, "settings": settings, "metadata": stats.metadata,
         "diagnostics": diag, "decomposition": decomp, "ppc": ppc,
         "globals": _global_summary(result.samples, approx, types),

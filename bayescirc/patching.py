@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import schema
+from .errors import BayescircError
 from .graph import LOGITS, QKV, Graph, parse_edge
 from .metrics import metric_fn
 
@@ -394,7 +395,7 @@ class Engine:
         for c, circuit in enumerate(circuits):
             for edge in circuit:
                 if edge not in known:
-                    raise ValueError(f"circuit {c}: edge {edge!r} is not an edge of this model's graph "
+                    raise BayescircError(f"circuit {c}: edge {edge!r} is not an edge of this model's graph "
                                      f"({self.L} layers x {self.H} heads); e.g. {self.edges[0]!r}")
                 info = parse_edge(edge)
                 absent[c, self.source_index[info.source], self.slot_index[(info.receiver, info.qkv)]] = 0

@@ -8,7 +8,7 @@ import pytest
 from fitfixtures import fake_patching, four_draw_fit
 
 from bayescirc.errors import BayescircError
-from bayescirc.faithfulness import circuit_faithfulness, evaluate, held_out_inputs, interval
+from bayescirc.faithfulness import FaithfulnessWarning, circuit_faithfulness, evaluate, held_out_inputs, interval
 
 
 def test_ratio_of_means_by_hand():
@@ -47,12 +47,30 @@ def test_interval_is_central():
 def test_held_out_rows():
     assert held_out_inputs(None, 10, 7) == [7, 8, 9]
     assert held_out_inputs(2, 10, 7) == [7, 8]
-    assert held_out_inputs("0:3", 10, 7) == [0, 1, 2]
-    assert held_out_inputs([1, 4], 10, 7) == [1, 4]
-    with pytest.raises(BayescircError, match="no room"):
+    assert held_out_inputs("7:9", 10, 7) == [7, 8]
+    assert held_out_inputs([9, 8], 10, 7) == [9, 8]
+    with pytest.raises(BayescircError, match="3 left, 5 asked for"):
         held_out_inputs(5, 10, 7)
     with pytest.raises(BayescircError, match="within"):
         held_out_inputs("8:12", 10, 7)
+
+
+def test_held_out_rows_are_the_ones_the_fit_did_not_see():
+    # a fit of the second shard of a task (rows 3-5 of 8) leaves rows 0-2 and 6-7 out of sample
+    assert held_out_inputs(None, 8, 3, fitted=[3, 4, 5]) == [0, 1, 2, 6, 7]
+    assert held_out_inputs(4, 8, 3, fitted=[3, 4, 5]) == [0, 1, 2, 6]
+    with pytest.warns(FaithfulnessWarning, match="2 of the 3 held-out rows were fitted .e.g. row 4"):
+        assert held_out_inputs("4:7", 8, 3, fitted=[3, 4, 5]) == [4, 5, 6]
+
+
+def test_a_noise_sized_denominator_is_warned_about():
+    from bayescirc.faithfulness import _warn_small_denominators
+
+    clean, corrupted = np.array([20.0, 19.0, 21.0, 0.1]), np.zeros(4)
+    with pytest.warns(FaithfulnessWarning, match="1 held-out input.*row 13.*under 1% of the median"):
+        _warn_small_denominators(clean, corrupted, np.array([10, 11, 12, 13]), per_input=True)
+    with pytest.warns(FaithfulnessWarning, match="within 2 standard errors of 0"):
+        _warn_small_denominators(np.array([1.0, -1.2, 0.9, -0.8]), np.zeros(4), np.arange(4), per_input=False)
 
 
 @pytest.fixture
@@ -74,6 +92,20 @@ def test_evaluate_batches_distinct_circuits_and_reports_the_posterior(monkeypatc
     s = result.summary()["posterior"]
     assert s["mean"] == 0.625 and s["median"] == 0.5
     assert "median-probability circuit (1 edges): 0.500" in result.to_text()
+
+
+def test_the_median_circuit_is_the_whole_posteriors_and_bad_settings_fail_before_any_run(monkeypatch, task):
+    calls = []
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
+    fit = four_draw_fit()  # whole posterior: median circuit {C} (C in 3 of 4 pruned draws)
+    for seed in range(5):  # whatever two draws the n=2 sample holds
+        assert evaluate(fit, "model", task, n_circuits=2, seed=seed, progress=False).median_circuit["size"] == 1
+    calls.clear()
+    with pytest.raises(BayescircError, match="interval probability 90"):
+        evaluate(fit, "model", task, interval_prob=90, progress=False)
+    with pytest.raises(BayescircError, match="unknown metric 'foo'"):
+        evaluate(fit, "model", task, metric="foo", progress=False)
+    assert calls == []
 
 
 def test_evaluate_without_patching_says_what_is_missing(monkeypatch, task):

@@ -34,11 +34,13 @@ def _held_out(value):
                    "or a list of rows. [default: every task row after the fit's inputs]")
 @click.option("--metric", default="logit-diff", show_default=True, help="Task metric (as in `bayescirc collect`).")
 @click.option("--interval", "interval_prob", default=0.9, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Probability of the central interval of faithfulness over posterior circuits.")
 @click.option("--per-input", is_flag=True,
-              help="Average per-input ratios instead of the ratio of input-averaged metrics (MIB's normalisation).")
+              help="Average per-input ratios instead of the ratio of input-averaged metrics (the default, as in MIB).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... ('auto': a GPU when visible).")
-@click.option("--batch-size", type=int, default=None, help="Inputs per forward pass. [default: the collector's choice]")
+@click.option("--batch-size", type=int, default=None,
+              help="Rows (circuit x input pairs) per forward pass. [default: 64]")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the circuit sampling.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for faithfulness.json, circuits.parquet and summary.txt. [default: print only]")
