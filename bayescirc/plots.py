@@ -236,7 +236,8 @@ def plot_trace(fit, var_names: Sequence[str] | None = None) -> Figure:
     fig = _figure(11, 1.9 * len(names) + 0.8)
     axes = fig.subplots(len(names), 2, squeeze=False)
     with _arviz_quiet():
-        az.plot_trace(fit.idata, var_names=names, axes=axes, compact=True, legend=True, show=False)
+        az.plot_trace(_globals_for_arviz(fit, names), var_names=names, axes=axes, compact=True, legend=True,
+                      show=False)
     for ax in axes.ravel():
         legend = ax.get_legend()
         if legend is not None and len(legend.get_texts()) > 6:
@@ -249,6 +250,19 @@ def plot_trace(fit, var_names: Sequence[str] | None = None) -> Figure:
         ax.set_ylabel("value")
     fig.suptitle(_title(fit, "Trace of global parameters") + f"\n(lines = chains; {_units_note(fit)})")
     return fig
+
+
+def _globals_for_arviz(fit: FitResult, names: Sequence[str]):
+    """The posterior of ``names`` with its ``method`` dimension renamed ``approx_method``.
+
+    ArviZ picks each panel with ``.sel(<dim>=<value>)``, and xarray reads
+    ``.sel(method=...)`` as its own fill-method argument ("Invalid fill method
+    ... Got eap"): every fit with an approximate method failed its rank plot.
+    """
+    posterior = fit.idata.posterior[list(names)]
+    if schema.DIM_METHOD in posterior.dims:
+        posterior = posterior.rename({schema.DIM_METHOD: "approx_method"})
+    return posterior
 
 
 def _units_note(fit: FitResult) -> str:
@@ -269,7 +283,7 @@ def plot_rank(fit, var_names: Sequence[str] | None = None) -> Figure:
     fig = _figure(3.2 * cols, 2.4 * rows + 0.8)
     axes = fig.subplots(rows, cols, squeeze=False)
     with _arviz_quiet():
-        az.plot_rank(fit.idata, var_names=names, ax=axes.ravel()[:n], show=False)
+        az.plot_rank(_globals_for_arviz(fit, names), var_names=names, ax=axes.ravel()[:n], show=False)
     for ax in axes.ravel()[:n]:
         ax.set_xlabel("rank of draw (all chains)")
         ax.set_ylabel("chain")

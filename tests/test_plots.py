@@ -7,6 +7,7 @@ closed forms.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -263,3 +264,19 @@ def test_global_parameters_exclude_per_edge_and_oversized_variables(sim):
     assert "layer_z" in names and "df" not in names and "mu" not in names
     assert set(names) == {"alpha", "beta", "sigma", "omega", "slab_sd", "tau_scale", "layer_z"}
     _check_figure(plots.plot(fit, "rank"), fit)
+
+
+def test_trace_and_rank_plots_take_globals_with_a_method_dimension(fit):
+    """Per method and edge type (beta_type: edge_type x method), as every fit with approximate methods has."""
+    import arviz as az
+
+    fit = copy.deepcopy(fit)
+    post = {k: fit.idata.posterior[k].values for k in fit.idata.posterior.data_vars}
+    methods = list(fit.idata.posterior.method.values)
+    post["beta_type"] = np.ones((2, 100, 2, len(methods))) + np.random.default_rng(0).normal(0, 0.1, (2, 100, 2, len(methods)))
+    dims = {"mu": ["edge"], "inclusion": ["edge"], "tau": ["edge"], "beta_type": ["edge_type", "method"],
+            **{k: ["method"] for k in ("alpha", "beta", "sigma", "omega")}}
+    fit.idata = az.from_dict(posterior=post, sample_stats={k: fit.idata.sample_stats[k].values for k in ("diverging", "energy")},
+                             dims=dims, coords={"edge": fit.edge_names, "method": methods, "edge_type": ["a->b", "c->d"]})
+    for kind in ("rank", "trace"):
+        _check_figure(plots.plot(fit, kind, var_names=["beta_type", "beta"]), fit)
