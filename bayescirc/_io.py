@@ -15,6 +15,20 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would (mkstemp/mkdtemp make them private: 0600/0700)."""
+    try:
+        os.chmod(path, mode & ~_umask())
+    except OSError:
+        pass  # a filesystem without permissions: nothing to fix
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -30,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _as_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -56,6 +71,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, replaces: Iterab
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _as_created(tmp, 0o777)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

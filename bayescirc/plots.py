@@ -92,7 +92,7 @@ def run_info(fit: FitResult) -> dict:
 
 def _title(fit: FitResult, what: str) -> str:
     info = run_info(fit)
-    return f"{what} — {info['model']} on {info['task']}"
+    return f"{what} — {info['model']} on {info['task']}".replace("$", r"\$")  # a '$' pair would start mathtext
 
 
 def _methods(fit: FitResult) -> list[str]:
@@ -156,8 +156,11 @@ def _scores_for(scores, edges: Sequence[str]) -> pd.DataFrame:
         from .scores import _part_files
 
         parts = _part_files(Path(scores))
-        frames = [pq.read_table(p, columns=list(schema.REQUIRED_COLUMNS), filters=[(schema.EDGE, "in", list(edges))])
-                  .to_pandas() for p in parts]
+        try:
+            frames = [pq.read_table(p, columns=list(schema.REQUIRED_COLUMNS), filters=[(schema.EDGE, "in", list(edges))])
+                      .to_pandas() for p in parts]
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise BayescircError(f"{scores}: cannot read the scores ({exc}); pass the scores.parquet the fit read.") from None
         frame = pd.concat(frames, ignore_index=True)
     missing = [c for c in schema.REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
@@ -303,7 +306,7 @@ def plot_forest(fit, top: int = 30, edges: Sequence[str] | None = None) -> Figur
     import matplotlib as mpl
 
     fit = _as_fit(fit)
-    names = list(edges) if edges else default_edges(fit, top)
+    names = _check_edges(fit, edges, top) if edges else default_edges(fit, top)
     table = fit.edges.set_index("edge").loc[names]
     hdi = fit.summary.get("hdi_prob") or fit.metadata.get("hdi_prob") or 0.9
     fig = _figure(8, 0.28 * len(names) + 1.8)
@@ -322,7 +325,8 @@ def plot_forest(fit, top: int = 30, edges: Sequence[str] | None = None) -> Figur
     units = run_info(fit)["units"]
     ax.set_xlabel(f"edge mean effect μ ({units}); bars: {hdi:.0%} HDI")
     ax.set_ylabel("edge (by inclusion probability)")
-    sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=cmap)
+    shown_cmap = mpl.colors.ListedColormap(cmap(np.linspace(0.35, 1.0, 256)))  # the colours the arrows use
+    sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=shown_cmap)
     fig.colorbar(sm, ax=ax, label="inclusion probability")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(_title(fit, f"Top {len(names)} edges"))
@@ -394,7 +398,8 @@ def plot_loss(fit) -> Figure:
         raise BayescircError(f"this fit has no SVI loss (inference {fit.summary.get('inference', '?')!r}); "
                              "the loss plot is for fits run with --inference svi.")
     loss = np.asarray(loss, dtype=float)
-    steps = (fit.summary.get("settings") or {}).get("svi_steps") or (fit.summary.get("settings") or {}).get("steps")
+    settings = fit.summary.get("settings") or {}
+    steps = diag.get("svi_steps_run") or settings.get("svi_steps") or settings.get("steps")  # run, not the cap
     x = np.linspace(0, steps, len(loss)) if steps else np.arange(len(loss))
     fig = _figure(8, 4)
     ax = fig.subplots()
@@ -452,7 +457,15 @@ def predictive_draws(fit, edge: str, method: str, n_inputs: int, n_draws: int = 
     rng = np.random.default_rng([seed, 1])
     mu = _stack(fit, "mu")[idx, e]
     tau = _stack(fit, "tau")[idx, e] if "tau" in fit.idata.posterior else np.zeros(len(idx))
-    theta = mu[:, None] + tau[:, None] * rng.normal(size=(len(idx), n_inputs))
+    z = rng.normal(size=(len(idx), n_inputs))
+    if "df" in fit.idata.posterior:  # Student-t fits: unit-variance t deviates with each draw's df
+        df = _stack(fit, "df")
+        df = np.broadcast_to(df[idx, e] if df.ndim == 2 else df[idx], (len(idx),)).astype(float)
+        heavy = np.isfinite(df) & (df > 2)
+        if heavy.any():
+            t = rng.standard_t(np.where(heavy, df, 3.0)[:, None], size=z.shape)
+            z = np.where(heavy[:, None], t * np.sqrt((np.where(heavy, df, 3.0) - 2) / np.where(heavy, df, 3.0))[:, None], z)
+    theta = mu[:, None] + tau[:, None] * z
     if schema.is_exact(method) or method == _exact_label(fit):
         return theta
     methods = _methods(fit)
@@ -613,12 +626,11 @@ def plot_decomposition(fit) -> Figure:
     fig = _figure(3.6 + 0.35 * len(methods) + (n_panels - 1) * (1.2 + 0.35 * len(layers)), 4.4)
     widths = [max(2.0, 0.6 * len(methods))] + [max(2.0, 0.45 * len(layers))] * (n_panels - 1)
     axes = fig.subplots(1, n_panels, squeeze=False, width_ratios=widths)[0]
-    units = run_info(fit)["units"]
     x = _stacked(axes[0], methods, [per_method[m] for m in methods])
     axes[0].set_xticks(x, methods, rotation=30, ha="right")
     axes[0].set_title("per method")
     axes[0].set_xlabel("scoring method")
-    axes[0].set_ylabel(f"share of score variance ({units}²)")
+    axes[0].set_ylabel("share of score variance")
     axes[0].set_ylim(0, 1.05)
     for ax, method in zip(axes[1:], methods):
         shares = [per_layer[layer].get(method, {}) for layer in layers]
@@ -636,18 +648,26 @@ def plot_decomposition(fit) -> Figure:
 # --- the circuit graph -------------------------------------------------------------------------
 
 
-def median_probability_circuit(fit, threshold: float = 0.5) -> set[str]:
-    """Edges with inclusion probability > ``threshold``, pruned to paths from input to logits."""
+def median_probability_circuit(fit, seed: int = 0) -> set[str]:
+    """The median-probability circuit as ``bayescirc circuits`` and the demo's ``circuit.json`` give it.
+
+    Edges in more than half of the posterior circuits (one per draw, pruned to
+    input->logits paths), pruned again: :meth:`CircuitSamples.median_circuit`.
+    Edges whose names are not in the graph syntax are left out.
+    """
+    from .circuits import sample_circuits
+
     fit = _as_fit(fit)
-    chosen = fit.edges.loc[fit.edges["inclusion_prob"] > threshold, "edge"].tolist()
     parsable = []
-    for edge in chosen:
+    for edge in fit.edge_names:
         try:
             parse_edge(edge)
         except ValueError:
             continue
         parsable.append(edge)
-    return prune_to_paths(parsable)
+    if len(parsable) < len(fit.edge_names):  # circuits need graph names: keep only those edges
+        return prune_to_paths(e for e in fit.edges.loc[fit.edges["inclusion_prob"] > 0.5, "edge"] if e in set(parsable))
+    return set(sample_circuits(fit, seed=seed).median_circuit())
 
 
 def circuit_layout(edges: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -804,7 +824,9 @@ def plot(fit, kind: str, scores=None, edges: Sequence[str] | None = None, out: s
     """
     fit = _as_fit(fit)
     if kind == "all":
-        figures = {k: plot(fit, k, scores=scores, edges=edges) for k in _available(fit, scores)}
+        per_kind = {"circuit": ("threshold", "max_edges"), "forest": ("top",)}
+        figures = {k: plot(fit, k, scores=scores, edges=edges, **{o: v for o, v in options.items() if o in per_kind.get(k, ())})
+                   for k in _available(fit, scores)}
         if out is not None:
             out = Path(out)
             if out.suffix.lower() in FORMATS:

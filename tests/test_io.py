@@ -70,3 +70,16 @@ def test_an_output_directory_holding_other_files_is_refused_and_kept(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(BayescircError, match="is a file"):
         _io.check_replaceable(tmp_path / "file", ("a.txt",))
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        with _io.atomic_path(tmp_path / "report.html") as tmp:
+            tmp.write_text("<html></html>")
+        with _io.atomic_dir(tmp_path / "plots", replaces=("a.png",)) as tmp:
+            (tmp / "a.png").write_bytes(b"")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "plots").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700

@@ -200,12 +200,12 @@ def test_calibration_and_predictive_draws_follow_the_edge_type_when_the_fit_pool
 # --- the circuit graph ------------------------------------------------------------------------------
 
 
-def _tiny_fit(edges: dict[str, float]) -> FitResult:
+def _tiny_fit(edges: dict[str, float], draws: int = 4) -> FitResult:
     import arviz as az
 
     names = list(edges)
     p = np.array([edges[n] for n in names])
-    idata = az.from_dict(posterior={"mu": np.zeros((1, 4, len(names))), "inclusion": np.tile(p, (1, 4, 1))},
+    idata = az.from_dict(posterior={"mu": np.zeros((1, draws, len(names))), "inclusion": np.tile(p, (1, draws, 1))},
                          dims={"mu": ["edge"], "inclusion": ["edge"]}, coords={"edge": names})
     table = pd.DataFrame({"edge": names, "inclusion_prob": p, "effect_mean": p, "effect_sd": 0.1,
                           "effect_hdi_low": p - 0.2, "effect_hdi_high": p + 0.2, "intrinsic_sd": 0.5})
@@ -216,8 +216,15 @@ def test_median_probability_circuit_is_pruned_to_input_logits_paths():
     fit = _tiny_fit({"input->a0.h0<q>": 0.9, "a0.h0->logits": 0.8, "a0.h1->logits": 0.95,
                      "input->a0.h1<k>": 0.4, "input->m0": 0.7, "not an edge": 0.99})
     assert plots.median_probability_circuit(fit) == {"input->a0.h0<q>", "a0.h0->logits"}
-    assert plots.median_probability_circuit(fit, threshold=0.3) == {
-        "input->a0.h0<q>", "a0.h0->logits", "a0.h1->logits", "input->a0.h1<k>"}
+
+
+def test_the_plotted_circuit_is_the_one_circuits_reports():
+    from bayescirc.circuits import sample_circuits
+
+    # two chained edges at 0.6 each: each is in the graph in 0.36 of the pruned draws, so not in the median circuit
+    fit = _tiny_fit({"input->a0.h0<v>": 0.6, "a0.h0->logits": 0.6, "input->logits": 0.9}, draws=400)
+    assert plots.median_probability_circuit(fit) == set(sample_circuits(fit, seed=0).median_circuit())
+    assert plots.median_probability_circuit(fit) == {"input->logits"}  # inclusion_prob > 0.5 would add the chain
 
 
 def test_layout_places_every_gpt2_node_once_and_edges_point_forward():
@@ -280,3 +287,49 @@ def test_trace_and_rank_plots_take_globals_with_a_method_dimension(fit):
                              dims=dims, coords={"edge": fit.edge_names, "method": methods, "edge_type": ["a->b", "c->d"]})
     for kind in ("rank", "trace"):
         _check_figure(plots.plot(fit, kind, var_names=["beta_type", "beta"]), fit)
+
+
+def test_the_loss_is_drawn_over_the_steps_that_ran(svi_fit):
+    fit = copy.deepcopy(svi_fit)
+    fit.summary["settings"]["svi_steps"] = 3000  # the cap
+    fit.summary["diagnostics"]["svi_steps_run"] = 1900  # where the plateau rule stopped
+    assert plots.plot(fit, "loss").axes[0].lines[0].get_xdata().max() == 1900
+
+
+def test_student_t_fits_replicate_heavy_tailed_inputs(fit):
+    import arviz as az
+
+    heavy = copy.deepcopy(fit)
+    post = {k: heavy.idata.posterior[k].values for k in heavy.idata.posterior.data_vars}
+    post["df"] = np.full(post["mu"].shape[:2], 3.0)  # one df per draw, as Student-t fits store it
+    heavy.idata = az.from_dict(posterior=post, dims={k: list(heavy.idata.posterior[k].dims[2:]) for k in post if k != "df"},
+                               coords={c: heavy.idata.posterior[c].values for c in heavy.idata.posterior.coords
+                                       if c not in ("chain", "draw")})
+    edge = heavy.edge_names[0]
+    from scipy.stats import kurtosis
+
+    t_draws = plots.predictive_draws(heavy, edge, "exact", n_draws=50, n_inputs=400)
+    normal_draws = plots.predictive_draws(fit, edge, "exact", n_draws=50, n_inputs=400)
+    assert np.median(kurtosis(t_draws, axis=1)) > 1.0 > abs(np.median(kurtosis(normal_draws, axis=1)))
+
+
+def test_plot_options_reach_the_figures_under_kind_all_and_bad_ones_are_refused(tmp_path, fit, monkeypatch):
+    from click.testing import CliRunner
+
+    from bayescirc.cli import cli
+
+    fit.save(tmp_path / "fit")
+    seen = {}
+    real = plots.plot_circuit
+    monkeypatch.setattr(plots, "plot_circuit", lambda f, **kw: seen.update(kw) or real(f, **kw))
+    assert CliRunner().invoke(cli, ["plot", str(tmp_path / "fit"), "--max-edges", "5", "--threshold", "0.3"]).exit_code == 0
+    assert seen == {"threshold": 0.3, "max_edges": 5}
+    for args in (["--max-edges", "-1"], ["--top", "0"], ["--kind", "forest", "-e", "bogus"]):
+        result = CliRunner().invoke(cli, ["plot", str(tmp_path / "fit"), *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+
+
+def test_a_dollar_sign_in_the_model_name_is_printed_not_typeset(tmp_path, fit):
+    odd = copy.deepcopy(fit)
+    odd.summary["metadata"] = {**odd.summary.get("metadata", {}), "model": "cost_$^$"}
+    plots.save_figure(plots.plot(odd, "decomposition"), tmp_path / "d.png")

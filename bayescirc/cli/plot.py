@@ -26,9 +26,9 @@ from ..plots import KINDS
                    "without extension, a directory that receives KIND.png files. [default: FIT_DIR/plots/]")
 @click.option("--threshold", type=float, default=0.1, show_default=True,
               help="circuit: hide edges whose inclusion probability is below this.")
-@click.option("--max-edges", type=int, default=60, show_default=True,
+@click.option("--max-edges", type=click.IntRange(min=0), default=60, show_default=True,
               help="circuit: draw at most this many edges (the most probable), plus the median-probability circuit.")
-@click.option("--top", type=int, default=30, show_default=True, help="forest: number of edges shown.")
+@click.option("--top", type=click.IntRange(min=1), default=30, show_default=True, help="forest: number of edges shown.")
 def command(fit_dir, kind, edges, scores, out, threshold, max_edges, top):
     """Draw diagnostic figures of the fit in FIT_DIR (written by `bayescirc fit`).
 
@@ -46,7 +46,8 @@ def command(fit_dir, kind, edges, scores, out, threshold, max_edges, top):
     from ..plots import plot
 
     out = Path(out) if out else Path(fit_dir) / "plots"
-    options = {"circuit": {"threshold": threshold, "max_edges": max_edges}, "forest": {"top": top}}.get(kind, {})
+    options = {"circuit": {"threshold": threshold, "max_edges": max_edges}, "forest": {"top": top},
+               "all": {"threshold": threshold, "max_edges": max_edges, "top": top}}.get(kind, {})
     result = plot(fit_dir, kind, scores=scores, edges=list(edges) or None, out=out, **options)
     if isinstance(result, dict):
         for name in result:
