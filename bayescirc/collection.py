@@ -180,6 +180,43 @@ def _settings_match(existing: dict, metadata: dict) -> bool:
     return all(existing.get(k) == metadata.get(k) for k in keys) and all(old.get(k) == v for k, v in new.items())
 
 
+def _check_out(out: Path, shard: tuple[int, int] | None, task) -> None:
+    """Refuse an ``out`` that would fail after the model loads or overwrite something that is not ours."""
+    from .scores import read_metadata
+
+    if not out.exists() or out.is_dir():
+        return
+    if shard is not None:
+        raise BayescircError(f"--out {out} is a file, but with --shard --out must be a directory (it receives "
+                             f"{part_path('OUT', shard).name}); choose a directory.")
+    if isinstance(task, (str, os.PathLike)) and Path(task).exists() and out.resolve() == Path(task).resolve():
+        raise BayescircError(f"--out {out} is the task file; refusing to overwrite it. Choose another --out.")
+    try:
+        ours = bool(read_metadata(out))
+    except BayescircError:
+        ours = False
+    if not ours:
+        raise BayescircError(f"--out {out} exists and is not a bayescirc scores file; refusing to overwrite it. "
+                             "Delete it or choose another --out.")
+
+
+_PART = re.compile(r"part-(\d+)-of-(\d+)\.parquet")
+
+
+def _check_layout(out: Path, shard: tuple[int, int], given: bool) -> None:
+    """Refuse a part whose inputs would overlap the parts of another k/n split already in ``out``."""
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir()
+                    if (m := _PART.fullmatch(p.name)) and int(m[2]) != shard[1])
+    if others:
+        what = f"--shard {shard[0]}/{shard[1]}" if given else "a run without --shard (one part, part-1-of-1)"
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise BayescircError(f"{out} already holds parts of another split ({shown}); {what} would overlap their "
+                             "inputs and the directory would no longer read as one table. Use the same n as those "
+                             "parts, or another --out.")
+
+
 def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "logit-diff", device: str = "auto",
             dtype=None, batch_size: int | None = None, ig_steps: int = DEFAULT_IG_STEPS, exact_inputs: int | None = None,
             n_inputs: int | None = None, seed: int = 0, shard=None, progress: bool = True,
@@ -197,11 +234,15 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         (definitions in :mod:`bayescirc.patching`).
     out : path, optional
         ``scores.parquet`` to write; with ``shard`` (or an existing directory) a directory
-        receiving ``part-k-of-n.parquet``.
+        receiving ``part-k-of-n.parquet``. Refused before anything loads: an existing file
+        that is not a bayescirc scores file (e.g. the task), a file with ``shard``, and a
+        directory holding the parts of a split into another number of shards.
     metric : {"logit-diff", "prob-diff", "kl"}, default "logit-diff"
-    device : {"auto", "cpu", "cuda", ...}, default "auto"
+    device : {"auto", "cpu", "cuda", "cuda:N", ...}, default "auto"
+        Checked before loading. With a loaded model, anything but ``auto`` must be where the model is.
     dtype : str or torch.dtype, optional
         Model dtype when loading (default float32); scores are float64 for float64 models, else float32.
+        With a loaded model, a dtype other than the model's is refused (a loaded model is not converted).
     batch_size : int, optional
         Inputs per forward/backward pass of the gradient methods; exact patching runs
         ``batch_size x 8`` patched rows per pass. Default automatic: 32, halved on out-of-memory.
@@ -214,8 +255,9 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
     seed : int, default 0
         Seeds torch (recorded in the metadata; scoring itself is deterministic).
     shard : "k/n" or (k, n), optional
-        Score the k-th of n contiguous slices of the inputs into ``out/part-k-of-n.parquet``;
-        an existing part with the same settings is complete and is skipped (resume).
+        Score the k-th of n contiguous slices of the inputs into ``out/part-k-of-n.parquet``
+        (n at most the number of inputs); an existing part with the same settings (dtype
+        included) is complete and is skipped (resume).
     progress : bool, default True
         tqdm bar in edges x inputs.
     return_table : bool, default True
@@ -230,7 +272,7 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
     import torch
 
     from . import __version__  # noqa: F401 - recorded by the writer
-    from .bridge import load_model, scoring_mode
+    from .bridge import _first_parameter, _is_loaded_model, _torch_dtype, check_load_options, load_model, scoring_mode
     from .metrics import check_metric
     from .patching import Engine
     from .scores import ScoresWriter, read_metadata, read_scores
@@ -246,17 +288,27 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         raise BayescircError(f"exact_inputs must be >= 0, got {exact_inputs}.")
     if batch_size is not None and batch_size < 1:
         raise BayescircError(f"batch_size must be >= 1, got {batch_size}.")
-    shard = parse_shard(shard)
+    check_load_options(model, device=device, dtype=dtype)
+    given_shard = shard = parse_shard(shard)
+    if out is not None:
+        _check_out(Path(out), shard, task)
     if out is not None and shard is None and Path(out).is_dir():
         shard = (1, 1)
+    if out is not None and shard:
+        _check_layout(Path(out), shard, given_shard is not None)
     target = None if out is None else (part_path(out, shard) if shard else Path(out))
     labels = _labels(methods, ig_steps)
 
     table = _read(task, n_inputs)
     n_total = len(table)
+    if given_shard and given_shard[1] > n_total:
+        raise BayescircError(f"--shard {given_shard[0]}/{given_shard[1]}: the task has only {n_total} inputs to split; "
+                             f"use at most {n_total} shards.")
     ids = np.arange(n_total)
     if shard:
         ids = np.array_split(ids, shard[1])[shard[0] - 1]
+    param = _first_parameter(model) if _is_loaded_model(model) else None
+    run_dtype = param.dtype if param is not None else _torch_dtype(dtype)
     metadata = {
         "model": _describe_model(model),
         "task": "DataFrame" if isinstance(task, pd.DataFrame) else str(task),
@@ -265,12 +317,13 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         "n_inputs": int(n_total),
         "seed": seed,
         "extra": {"collect": {"exact_inputs": exact_inputs, "shard": list(shard) if shard else None,
-                              "ig_steps": ig_steps, "input_ids": [int(ids[0]), int(ids[-1]) + 1] if len(ids) else []}},
+                              "ig_steps": ig_steps, "input_ids": [int(ids[0]), int(ids[-1]) + 1] if len(ids) else [],
+                              "dtype": str(run_dtype).replace("torch.", "")}},
     }
     if target is not None and shard and target.exists():
         existing = read_metadata(target)
         if not _settings_match(existing, metadata):
-            raise BayescircError(f"{target} exists with other settings (model, task, metric, methods, inputs or seed); "
+            raise BayescircError(f"{target} exists with other settings (model, task, metric, methods, inputs, seed or dtype); "
                                  "delete it or choose another --out to collect anew.")
         return read_scores(target) if return_table else None
 

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformer_lens")
 
-from tinymodel import make_tiny_model, tiny_task_rows  # noqa: E402
+from tinymodel import make_tiny_llama, make_tiny_model, tiny_task_rows  # noqa: E402
 
 from bayescirc import schema  # noqa: E402
 from bayescirc.bridge import load_model, model_graph, scoring_mode  # noqa: E402
@@ -344,7 +344,7 @@ def test_evaluate_circuits_limits_and_single_edge_ablation(model64, task):
         got = result.values[c] - result.clean
         ref = np.array([exact.loc[(i, edge)] for i in range(3)])
         assert np.allclose(got, ref, rtol=1e-6, atol=1e-10)
-    with pytest.raises(ValueError, match="not an edge"):
+    with pytest.raises(BayescircError, match="not an edge of this model.s graph"):
         evaluate_circuits(model64, sub, [{"a9.h0->logits"}], progress=False)
 
 
@@ -485,6 +485,147 @@ class _WithoutSplitQKV:
 def test_a_model_lacking_per_head_hooks_gets_a_model_error(model64, task):
     with pytest.raises(ModelError, match=r"lacks .*hook_k_input"):
         collect(_WithoutSplitQKV(model64), task, progress=False)
+
+
+def _has_hooked_transformer() -> bool:
+    import transformer_lens as tl
+
+    try:
+        tl.HookedTransformer  # noqa: B018
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def _hooked(tiny_dir, **over):
+    """A random float64 HookedTransformer (TransformerLens 3.x) with the tiny model's tokenizer."""
+    import transformer_lens as tl
+
+    if not _has_hooked_transformer():
+        pytest.skip("HookedTransformer exists on TransformerLens 3.x only")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=len(tokenizer), n_ctx=64,
+               act_fn="gelu_new", normalization_type="LN", dtype=torch.float64, device="cpu", seed=0)
+    cfg.update(over)
+    return tl.HookedTransformer(tl.HookedTransformerConfig(**cfg), tokenizer=tokenizer).eval()
+
+
+def test_grouped_query_attention_is_scored_per_query_head(tiny_dir, task):
+    """A GQA HookedTransformer (2 key/value heads for 4 query heads) is ungrouped while scoring: every query
+    head has its own <k> and <v> edges, exact equals one hooked forward per edge, and the flag is restored."""
+    model = _hooked(tiny_dir, n_key_value_heads=2)
+    sub = task.iloc[[0, 1]].reset_index(drop=True)
+    scores = collect(model, sub, methods=["exact", "eap"], progress=False)
+    assert model.cfg.ungroup_grouped_query_attention is False
+    wide = _wide(scores)
+    with scoring_mode(model) as graph:
+        assert model.cfg.ungroup_grouped_query_attention is True
+        exact = wide["exact"].loc[0].loc[list(graph.edges)].to_numpy()
+        ref = naive_exact(model, sub.iloc[0], graph.edges)
+        assert np.allclose(exact, ref, rtol=1e-6, atol=1e-10) and np.abs(ref).max() > 1e-4
+        eap = wide["eap"].loc[0].loc[list(graph.edges)].to_numpy()
+        assert np.allclose(eap, naive_eap(model, sub.iloc[0], graph.edges), rtol=1e-5, atol=1e-9)
+    assert model.cfg.ungroup_grouped_query_attention is False
+    # query heads 0 and 1 share key/value head 0, yet their key edges are separate edges with their own scores
+    assert wide.loc[(0, "a0.h1->a1.h0<k>"), "exact"] != pytest.approx(wide.loc[(0, "a0.h1->a1.h1<k>"), "exact"])
+    clean, _, a, d = _inputs(model, sub.iloc[0])
+    with torch.no_grad():
+        logits = model(clean)[0, -1]  # grouped again: the clean metric is the model's own
+    assert scores[scores.input_id == 0][schema.CLEAN_METRIC].iloc[0] == pytest.approx((logits[a] - logits[d]).item())
+
+
+def test_grouped_query_attention_without_ungrouping_is_a_model_error(tmp_path, task):
+    """A GQA model that cannot ungroup its keys and values (a TransformerBridge) is refused by name."""
+    path = make_tiny_llama(tmp_path / "llama-gqa", n_heads=4, n_key_value_heads=2)
+    model = load_model(str(path), device="cpu", progress=False)
+    flags = (model.cfg.use_attn_result, model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
+    message = r"llama-gqa: grouped-query attention models are not supported \(n_key_value_heads=2, n_heads=4\)"
+    with pytest.raises(ModelError, match=message):
+        collect(model, task, methods=["exact", "eap"], progress=False)
+    assert (model.cfg.use_attn_result, model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in) == flags
+    with pytest.raises(ModelError, match=message):
+        collect(str(path), task, methods=["eap"], device="cpu", out=tmp_path / "s.parquet", progress=False)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+class _AttentionOnly(_WithoutSplitQKV):
+    """A model whose config says attention-only (no MLPs)."""
+
+    @property
+    def cfg(self):
+        import copy
+
+        cfg = copy.copy(self._model.cfg)
+        cfg.attn_only = True
+        return cfg
+
+    @property
+    def hook_dict(self):
+        return self._model.hook_dict
+
+
+def test_attention_only_models_are_a_model_error(tiny_dir, model64, task):
+    with pytest.raises(ModelError, match="attention-only models are not supported: the EAP-IG graph has MLP nodes"):
+        collect(_AttentionOnly(model64), task, progress=False)
+    if not _has_hooked_transformer():
+        return
+    model = _hooked(tiny_dir, attn_only=True)  # TransformerLens 3.x: a real attention-only model
+    with pytest.raises(ModelError, match="attention-only models are not supported: the EAP-IG graph has MLP nodes"):
+        collect(model, task, progress=False)
+    assert (model.cfg.use_attn_result, model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in) == (False,) * 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"device": "bogus"}, r"unknown device 'bogus'"),
+    ({"device": "cuda:99"}, r"device 'cuda:99' requested but torch sees"),
+    pytest.param({"device": "cuda"}, r"device 'cuda' requested but torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")),
+    ({"dtype": "float8"}, r"unknown dtype 'float8'"),
+    ({"dtype": torch.int64}, r"dtype torch.int64 is not a floating-point dtype"),
+])
+def test_bad_device_or_dtype_is_refused_before_the_model_loads(tiny_dir, task, tmp_path, monkeypatch, options,
+                                                               message):
+    import bayescirc.bridge as bridge
+
+    def fail(*args, **kwargs):
+        pytest.fail("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(bridge, "load_model", fail)
+    for shard in (None, "1/2"):  # also before a resume check
+        with pytest.raises(ModelError, match=message):
+            collect(str(tiny_dir), task, methods=["eap"], out=tmp_path / "out", shard=shard, progress=False, **options)
+    assert not any(tmp_path.iterdir())
+
+
+def test_options_a_loaded_model_would_ignore_are_refused(model64, task):
+    with pytest.raises(ModelError, match=r"dtype 'float32' given, but the model is already loaded in float64"):
+        collect(model64, task, methods=["eap"], dtype="float32", progress=False)
+    with pytest.raises(ModelError, match=r"unknown device 'gpu0'"):
+        collect(model64, task, methods=["eap"], device="gpu0", progress=False)
+    if torch.cuda.is_available():
+        with pytest.raises(ModelError, match=r"device 'cuda' given, but the model is already loaded on cpu"):
+            collect(model64, task, methods=["eap"], device="cuda", progress=False)
+    with pytest.raises(ModelError, match=r"dtype 'bf16' given, but the model is already loaded in float64"):
+        evaluate_circuits(model64, task, [set()], dtype="bf16", progress=False)
+    scores = collect(model64, task.iloc[[0]], methods=["eap"], device="cpu", dtype="float64", progress=False)
+    assert scores.score.dtype == np.float64  # what the model is: accepted
+
+
+def test_resuming_with_another_dtype_is_other_settings(tiny_dir, task, tmp_path):
+    parts = tmp_path / "parts"
+    run = dict(methods=["eap"], out=parts, shard="1/2", n_inputs=4, device="cpu", progress=False)
+    first = collect(str(tiny_dir), task, **run)
+    part = parts / "part-1-of-2.parquet"
+    assert read_metadata(part)["extra"]["collect"]["dtype"] == "float32"
+    stamp = part.stat().st_mtime_ns
+    again = collect(str(tiny_dir), task, dtype="fp32", **run)  # the same resolved dtype: complete, skipped
+    assert part.stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, first)
+    with pytest.raises(BayescircError, match=r"part-1-of-2.parquet exists with other settings"):
+        collect(str(tiny_dir), task, dtype="float64", **run)
+    assert part.stat().st_mtime_ns == stamp
 
 
 def test_bfloat16_models_score_like_float32(tiny_dir, task):

@@ -77,6 +77,95 @@ def test_collect_errors_are_one_line(tiny, tmp_path):
     assert result.exit_code == 2 and "unknown method(s) ['foo']" in result.output
 
 
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the model loads: what is refused must be refused before."""
+    import bayescirc.bridge as bridge
+
+    def fail(*args, **kwargs):
+        pytest.fail("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(bridge, "load_model", fail)
+
+
+def _collect(model, task, *options):
+    return CliRunner().invoke(cli, ["collect", "--model", str(model), "--task", str(task), "--methods", "eap",
+                                    "--quiet", *options])
+
+
+def _one_error_line(result):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--device", "cuda:99"], "device 'cuda:99' requested but torch sees"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+])
+def test_bad_device_or_dtype_is_one_line_before_loading(tiny, tmp_path, no_loading, options, message):
+    model, task = tiny
+    output = _one_error_line(_collect(model, task, "--out", str(tmp_path / "s.parquet"), *options))
+    assert message in output
+    assert not any(tmp_path.iterdir())
+
+
+def test_out_must_be_a_directory_with_shard(tiny, tmp_path, no_loading):
+    model, task = tiny
+    out = tmp_path / "s.parquet"
+    out.write_text("not scores")
+    output = _one_error_line(_collect(model, task, "--out", str(out), "--shard", "1/2"))
+    assert f"--out {out} is a file, but with --shard --out must be a directory" in output
+    assert out.read_text() == "not scores"
+
+
+def test_out_that_is_not_a_scores_file_is_never_overwritten(tiny, tmp_path, no_loading):
+    model, task = tiny
+    before = task.read_text()
+    output = _one_error_line(_collect(model, task, "--out", str(task)))
+    assert f"--out {task} is the task file; refusing to overwrite it" in output
+    assert task.read_text() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    output = _one_error_line(_collect(model, task, "--out", str(notes)))
+    assert f"--out {notes} exists and is not a bayescirc scores file; refusing to overwrite it" in output
+    assert notes.read_text() == "keep me"
+
+
+def test_more_shards_than_inputs_is_refused(tiny, tmp_path, no_loading):
+    model, task = tiny
+    out = tmp_path / "parts"
+    output = _one_error_line(_collect(model, task, "--out", str(out), "--n-inputs", "4", "--shard", "5/10"))
+    assert "--shard 5/10: the task has only 4 inputs to split" in output
+    assert not out.exists()
+
+
+def test_overlapping_shard_layouts_are_refused(tiny, tmp_path, no_loading):
+    """Parts of a k/3 split beside those of a k/2 split would cover inputs twice; so would a single run."""
+    model, task = tiny
+    out = tmp_path / "parts"
+    out.mkdir()
+    for k in (1, 2):
+        (out / f"part-{k}-of-2.parquet").write_bytes(b"")
+    output = _one_error_line(_collect(model, task, "--out", str(out), "--shard", "1/3"))
+    assert f"{out} already holds parts of another split (part-1-of-2.parquet, part-2-of-2.parquet); --shard 1/3" in output
+    output = _one_error_line(_collect(model, task, "--out", str(out)))
+    assert "already holds parts of another split" in output and "a run without --shard" in output
+    assert sorted(p.name for p in out.iterdir()) == ["part-1-of-2.parquet", "part-2-of-2.parquet"]
+
+
+def test_a_mistyped_model_directory_is_one_line(tiny, tmp_path, monkeypatch):
+    """Hub loading fails offline (tests run with HF_HUB_OFFLINE=1); the message says there is no such directory."""
+    _, task = tiny
+    (tmp_path / "models" / "ioi-toy").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    output = _one_error_line(_collect("models/ioi-tooy", task, "--out", "s.parquet", "--device", "cpu"))
+    assert "could not load model 'models/ioi-tooy': " in output
+    assert "There is no local directory 'models/ioi-tooy' either. Did you mean 'models/ioi-toy'?" in output
+    assert ".." not in output
+
+
 def test_missing_default_model_says_so(tiny, tmp_path, monkeypatch):
     import bayescirc.bridge as bridge
 

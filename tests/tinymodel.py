@@ -24,17 +24,10 @@ def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_mod
     rows (e.g. 50257 to cost what GPT-2's embedding and unembedding cost).
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + NAMES + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<unk>", pad_token="<pad>")
-    fast.save_pretrained(path)
+    vocab = _save_tokenizer(path)
     config = GPT2Config(vocab_size=max(len(vocab), vocab_size or 0), n_positions=n_positions, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
                         bos_token_id=0, eos_token_id=0, pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0)
@@ -47,6 +40,37 @@ def make_tiny_model(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_mod
             elif "ln" not in name:
                 param.normal_(0.0, 0.1)
     model.save_pretrained(path)
+    return path
+
+
+def _save_tokenizer(path: Path) -> dict[str, int]:
+    """The word-level tokenizer of the tiny models, saved to ``path``; returns its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + NAMES + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    return vocab
+
+
+def make_tiny_llama(path: str | Path, n_layers: int = 2, n_heads: int = 4, n_key_value_heads: int = 2,
+                    d_model: int = 32, seed: int = 0) -> Path:
+    """Write a random Llama with grouped-query attention (``n_key_value_heads`` < ``n_heads``) to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    vocab = _save_tokenizer(path)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_key_value_heads,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=2)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
     return path
 
 

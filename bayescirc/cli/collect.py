@@ -19,10 +19,11 @@ METHOD_HELP = ("exact: activation patching of each edge alone (clean run, only t
 @click.option("--methods", default="exact,eap,eap-ig-inputs", show_default=True, metavar="LIST",
               help="Comma-separated scoring methods. " + METHOD_HELP)
 @click.option("--out", required=True, type=click.Path(), metavar="PATH",
-              help="scores.parquet to write; with --shard, a directory that receives part-k-of-n.parquet.")
+              help="scores.parquet to write (an existing file is replaced only if it is a bayescirc scores file); "
+                   "with --shard, a directory that receives part-k-of-n.parquet.")
 @click.option("--metric", default="logit-diff", show_default=True, type=click.Choice(["logit-diff", "prob-diff", "kl"]),
               help="Task metric at the last prompt position; every score is metric(patched) - metric(clean).")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda",
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where the model runs; auto picks cuda when a GPU is visible.")
 @click.option("--dtype", default=None, metavar="DTYPE",
               help="Model dtype: float32 (default), float64, bfloat16 or float16. Scores are written as float32 "
