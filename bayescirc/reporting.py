@@ -279,7 +279,8 @@ def _circuit_section(fit: FitResult) -> str:
     rows = [[e, probs.get(e)] for e in listed[:100]]
     more = f"<p class='muted'>… and {len(listed) - 100} more.</p>" if len(listed) > 100 else ""
     return ("<h2 id='circuit'>Circuit</h2>"
-            f"<p>Median-probability circuit (inclusion probability &gt; 0.5, pruned to paths from input to logits): "
+            f"<p>Median-probability circuit (edges in more than half of the posterior circuits, each pruned to "
+            "paths from input to logits; as <code>bayescirc circuits</code> gives it): "
             f"<b>{len(circuit)}</b> edges. For posterior circuit samples, credible sets and export, run "
             "<code>bayescirc circuits FIT_DIR</code>.</p>"
             + _figure_html(plots.plot(fit, "circuit"), "Edges weighted by inclusion probability; red: the median-probability "
