@@ -79,7 +79,7 @@ class FitResult:
             pq.write_table(table, tmp / schema.FIT_EDGES_FILE)
             self.idata.to_netcdf(str(tmp / schema.FIT_POSTERIOR_FILE))
             (tmp / schema.FIT_SUMMARY_FILE).write_text(strict_json(self.summary, indent=2, sort_keys=True,
-                                                                   default=_json_default))
+                                                                   default=str))
         return directory
 
     @classmethod
@@ -99,14 +99,6 @@ class FitResult:
         from .circuits import sample_circuits
 
         return sample_circuits(self, n=n, rule=rule, seed=seed)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def load_fit(directory: str | os.PathLike) -> FitResult:

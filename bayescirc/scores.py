@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema
-from ._io import atomic_path
+from ._io import atomic_path, strict_json
 from ._moments import DenseBlock, PatternMoments
 from ._moments import TooManyMethods as _TooManyMethods
 from .errors import ScoresError
@@ -417,7 +417,7 @@ def _metadata_bytes(metadata: dict | None) -> dict[bytes, bytes]:
     }
     meta.update(metadata or {})
     meta["schema_version"] = schema.SCHEMA_VERSION
-    return {schema.METADATA_KEY: json.dumps(meta, sort_keys=True, default=str).encode()}
+    return {schema.METADATA_KEY: strict_json(meta, sort_keys=True, default=str).encode()}
 
 
 def _arrow_schema(score_type: pa.DataType, extra: list[pa.Field], metadata: dict | None) -> pa.Schema:

@@ -379,7 +379,7 @@ class StabilityResult:
         side, ``headline.parquet`` and ``resamples.parquet`` into ``directory`` atomically."""
         directory = Path(directory)
         with atomic_dir(directory, replaces=STABILITY_FILES) as tmp:
-            (tmp / "stability.json").write_text(strict_json(self.summary(), indent=2, default=_json_default))
+            (tmp / "stability.json").write_text(strict_json(self.summary(), indent=2, default=str))
             self.bootstrap.to_parquet(tmp / "bootstrap.parquet", index=False)
             self.methods_jaccard.to_parquet(tmp / "methods_jaccard.parquet", index=False)
             self.k_jaccard.to_parquet(tmp / "k_jaccard.parquet", index=False)
@@ -389,12 +389,6 @@ class StabilityResult:
                 self.resamples.to_parquet(tmp / "resamples.parquet", index=False)
             (tmp / "summary.txt").write_text(self.to_text() + "\n")
         return directory
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -69,7 +68,7 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
       bayescirc stability scores.parquet --bootstrap 200 --k 50 --k 200 --out stability/
       bayescirc stability scores.parquet -B 100 --bayes --bayes-bootstrap 20 --out stability/
     """
-    from .._io import check_replaceable
+    from .._io import check_replaceable, strict_json
     from ..stability_metrics import STABILITY_FILES, stability
 
     if out:
@@ -85,7 +84,7 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
                        methods=method_list, bayes=bayes, bayes_bootstrap=bayes_bootstrap,
                        fit_options=fit_options, seed=seed, progress=not quiet)
     if as_json:
-        click.echo(json.dumps(result.summary(), indent=2, default=str))
+        click.echo(strict_json(result.summary(), indent=2, default=str))
     else:
         click.echo(result.to_text())
     if out:
