@@ -705,8 +705,8 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
 
     Shown: the edges with inclusion probability >= ``threshold``, at most
     ``max_edges`` of them (the most probable), plus every edge of the
-    highlighted circuit (default the median-probability circuit: inclusion >
-    0.5, pruned to input->logits paths), drawn in red on top. Receivers'
+    highlighted circuit (default :func:`median_probability_circuit`, the one
+    ``bayescirc circuits`` reports), drawn in red on top. Receivers'
     q/k/v inputs are told apart by line style. Fine for GPT-2 small: its
     32,491 edges reduce to the tens that matter.
     """

@@ -283,7 +283,7 @@ def _circuit_section(fit: FitResult) -> str:
             "paths from input to logits; as <code>bayescirc circuits</code> gives it): "
             f"<b>{len(circuit)}</b> edges. For posterior circuit samples, credible sets and export, run "
             "<code>bayescirc circuits FIT_DIR</code>.</p>"
-            + _figure_html(plots.plot(fit, "circuit"), "Edges weighted by inclusion probability; red: the median-probability "
+            + _figure_html(plots.plot(fit, "circuit", circuit=circuit), "Edges weighted by inclusion probability; red: the median-probability "
                            "circuit.", "circuit graph")
             + (_table(["edge", "inclusion prob."], rows, numeric={1}) + more if rows else ""))
 
