@@ -28,6 +28,13 @@ def test_every_command_has_help():
         assert "Usage:" in result.output
 
 
+@pytest.mark.parametrize("name", ["collect", "fit", "simulate", "stability", "evaluate", "demo"])
+def test_every_command_with_progress_bars_takes_the_same_quiet_flags(name):
+    """`-q` and `--quiet` silence the progress bars of every long-running command alike."""
+    options = [p for p in cli.get_command(None, name).params if "--quiet" in p.opts]
+    assert len(options) == 1 and "-q" in options[0].opts, name
+
+
 def test_simulate_then_inspect(tmp_path):
     out = tmp_path / "sim.parquet"
     result = run("simulate", "--out", str(out), "--layers", "1", "--heads", "2", "--inputs", "12",

@@ -42,7 +42,7 @@ METHOD_HELP = ("exact: activation patching of each edge alone (clean run, only t
 @click.option("--shard", default=None, metavar="k/n",
               help="Score the k-th (1..n) of n contiguous slices of the inputs into OUT/part-k-of-n.parquet. "
                    "Re-running skips a part that is already complete (resume); read the directory as one table.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def command(model, task, methods, out, metric, device, dtype, batch_size, ig_steps, exact_inputs, n_inputs, seed,
             shard, quiet):
     """Score every edge of MODEL on every input of TASK and write per-input scores.
