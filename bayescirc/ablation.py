@@ -184,9 +184,14 @@ def attention_to(model, prompts: Sequence[str], query: Sequence[int], keys: Mapp
 def direct_logit_attribution(model, task, batch_size: int = 128) -> pd.DataFrame:
     """Each head's direct effect on the answer and distractor logits at the last position.
 
-    A head's output there (``hook_z @ W_O``), divided by the final layer-norm
-    scale of the run and read out through the unembedding, is what it adds to
-    each logit without passing through later layers. Returns one row per head
+    A head's output there (``hook_z @ W_O``), put through the final norm's
+    linear part with the run's scale frozen (centred for LayerNorm, divided by
+    the scale, times the norm's weight) and read out through the unembedding,
+    is what it adds to each logit without passing through later layers. Right
+    on TransformerLens-processed weights (norm weight folded into ``W_U``,
+    ``W_O`` centred) and on raw ones (a bridge loaded without processing); on
+    processed weights the values' constant part (value bias, and the previous
+    norm's bias through ``W_V``) sits in ``b_O``, so no head is credited with it. Returns one row per head
     (``layer``, ``head``) with the mean over rows of ``to_answer``,
     ``to_distractor`` and ``to_diff`` (their difference): positive ``to_diff``
     pushes towards the answer; a negative ``to_distractor`` is suppression.
@@ -200,16 +205,22 @@ def direct_logit_attribution(model, task, batch_size: int = 128) -> pd.DataFrame
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     to_answer, to_distractor = np.zeros((n_layers, n_heads)), np.zeros((n_layers, n_heads))
     names = [_z_hook(layer) for layer in range(n_layers)] + ["ln_final.hook_scale"]
+    centre = str(getattr(model.cfg, "normalization_type", "LN") or "").startswith("LN")
+    weight = getattr(model.ln_final, "w", None)  # absent when folded into W_U (LNPre / RMSPre)
+    norm_weight = 1.0 if weight is None else weight.detach()
     with torch.no_grad():
         for rows in _token_groups(model, prompts).values():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 _, cache = model.run_with_cache(model.to_tokens([prompts[i] for i in chunk]), names_filter=names)
-                scale = cache["ln_final.hook_scale"][:, -1]  # [batch, 1]
+                scale = cache["ln_final.hook_scale"][:, -1] / norm_weight  # [batch, d_model]
                 w_a = model.W_U[:, torch.tensor([answers[i] for i in chunk])].T  # [batch, d_model]
                 w_d = model.W_U[:, torch.tensor([distractors[i] for i in chunk])].T
                 for layer in range(n_layers):
-                    out = torch.einsum("bhd,hdm->bhm", cache[_z_hook(layer)][:, -1], model.W_O[layer]) / scale[:, :, None]
+                    out = torch.einsum("bhd,hdm->bhm", cache[_z_hook(layer)][:, -1], model.W_O[layer])
+                    if centre:
+                        out = out - out.mean(-1, keepdim=True)
+                    out = out / scale[:, None, :]
                     to_answer[layer] += torch.einsum("bhm,bm->h", out, w_a).float().cpu().numpy()
                     to_distractor[layer] += torch.einsum("bhm,bm->h", out, w_d).float().cpu().numpy()
     n = len(prompts)

@@ -139,3 +139,52 @@ def test_ablation_hooks_replace_exactly_the_chosen_heads_and_positions(loaded):
     # ... and zeroing the name movers at the last position does change the answer's margin
     movers = [(1, h) for h in range(4)]
     assert abs(logit_diffs(model, task, ablate=movers, means=zeros, positions=[-1])[0] - base[0]) > 1.0
+
+
+@pytest.mark.tl
+def test_direct_logit_attribution_matches_the_hugging_face_model_on_raw_and_processed_weights(loaded):
+    """Each head's direct effect on the logit difference is its output at the last position through the final
+    LayerNorm (scale frozen: centred, / scale, x weight) and the unembedding, whether or not TransformerLens folded
+    the norm's weight into W_U (a user's own bridge is loaded without weight processing). Processing also folds
+    the values' constant part (value bias, and the layer norm's bias through W_V) into the attention output bias,
+    so there a head's output is without it."""
+    import numpy as np
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from bayescirc.ablation import direct_logit_attribution
+    from bayescirc.bridge import load_model
+
+    path = shipped_model("ioi-toy")
+    task = read_task(path / "task.jsonl", n_inputs=6)
+    hf, tok = GPT2LMHeadModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    L, H, D = hf.config.n_layer, hf.config.n_head, hf.config.n_embd
+    d_head = D // H
+    heads_in, final = {}, {}
+    hooks = [hf.transformer.h[layer].attn.c_proj.register_forward_hook(
+        lambda mod, args, out, layer=layer: heads_in.__setitem__(layer, args[0][0, -1])) for layer in range(L)]
+    hooks.append(hf.transformer.ln_f.register_forward_hook(lambda mod, args, out: final.__setitem__("x", args[0][0, -1])))
+    with_bias, without_bias = np.zeros((L, H)), np.zeros((L, H))
+    with torch.no_grad():
+        for row in task.itertuples():
+            hf(torch.tensor([[tok.bos_token_id] + tok.encode(row.clean, add_special_tokens=False)]))
+            x = final["x"]
+            scale = torch.sqrt(x.var(unbiased=False) + hf.transformer.ln_f.eps)
+            answer, distractor = (tok.encode(w, add_special_tokens=False)[0] for w in (row.answer, row.distractor))
+            readout = hf.lm_head.weight[answer] - hf.lm_head.weight[distractor]
+            for layer in range(L):
+                attn = hf.transformer.h[layer].attn
+                ln_bias = hf.transformer.h[layer].ln_1.bias  # what a head's values hold whatever the input
+                value_bias = (ln_bias @ attn.c_attn.weight + attn.c_attn.bias)[2 * D:]  # patterns sum to 1: z carries it
+                for h in range(H):
+                    cols = slice(h * d_head, (h + 1) * d_head)
+                    for table, z in ((with_bias, heads_in[layer][cols]), (without_bias, (heads_in[layer] - value_bias)[cols])):
+                        out = z @ attn.c_proj.weight[cols]  # Conv1D: [d_model in, d_model out]
+                        table[layer, h] += float(((out - out.mean()) / scale * hf.transformer.ln_f.weight) @ readout)
+    for hook in hooks:
+        hook.remove()
+    raw = load_model(TransformerBridge.boot_transformers(str(path), device="cpu"))
+    for model, reference in ((loaded["ioi-toy"], without_bias), (raw, with_bias)):
+        table = direct_logit_attribution(model, task)
+        assert table.to_diff.to_numpy().reshape(L, H) == pytest.approx(reference / len(task), abs=1e-3)
