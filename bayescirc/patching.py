@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .errors import BayescircError
+from .errors import BayescircError, ModelError
 from .graph import LOGITS, QKV, Graph, parse_edge
 from .metrics import metric_fn
 
@@ -146,6 +146,8 @@ class Engine:
         # scores and metrics in float32 at least: half-precision sums over positions x d_model lose digits
         self.score_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._direct = None  # whether blocks can be run one by one from a residual (checked once)
+        self._unembed = None  # whether ln_final + unembed of the last residual give the logits (checked once)
+        self._additive = False  # whether the source hooks add up to each block's residual write (checked once)
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -177,8 +179,48 @@ class Engine:
 
     # --- clean / corrupted runs ------------------------------------------------------------
 
+    def check_additive(self, tokens: torch.Tensor) -> None:
+        """Raise :class:`ModelError` unless each block's residual write is the sum of its sources' outputs.
+
+        The graph's sources are what a node writes into the residual stream:
+        ``resid_post - resid_pre`` of block l must be ``sum_h attn.hook_result
+        + hook_mlp_out`` up to a constant bias (``b_O``). Architectures that
+        normalise a sublayer's output before adding it (OLMo-2, Gemma-2: norms
+        after attention and MLP) break this, and every score of an edge out of
+        a head would patch the wrong quantity.
+        """
+        store: dict = {}
+        hooks = self._source_hooks(store)
+
+        def keep(key):
+            def hook(x, hook):
+                store[key] = x.detach()
+            return hook
+        for layer in range(self.L):
+            hooks += [(f"blocks.{layer}.hook_resid_pre", keep(("pre", layer))),
+                      (f"blocks.{layer}.hook_resid_post", keep(("post", layer)))]
+        with torch.no_grad():
+            self._forward(tokens[:1], hooks)
+        tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(self.dtype, 0.1)  # relative to the residual's size
+        for layer in range(self.L):
+            post = store[("post", layer)].to(self.score_dtype)
+            write = post - store[("pre", layer)].to(self.score_dtype)
+            rest = write - store[("attn", layer)].to(self.score_dtype).sum(2) - store[("mlp", layer)].to(self.score_dtype)
+            off = float((rest - rest.mean(dim=(0, 1), keepdim=True)).abs().max())
+            size = max(1.0, float(post.abs().max()))
+            if off > tol * size:
+                raise ModelError(
+                    f"{_arch(self.model)}: block {layer}'s residual write is not the sum of its heads' outputs "
+                    f"(attn.hook_result) and its MLP output (hook_mlp_out): they differ by up to {off:.3g} (residual "
+                    f"stream up to {size:.3g}). This architecture transforms sublayer outputs before adding them "
+                    "(e.g. a norm after attention or the MLP), so per-edge patching of the graph's sources would "
+                    "patch the wrong quantity; it is not supported.")
+        self._additive = True
+
     def prepare(self, batch: Batch, *, resid: bool = False, grads: bool = False) -> Run:
         """Corrupted and clean runs; with ``grads`` the clean run also gives the receiver gradients."""
+        if not self._additive:
+            self.check_additive(batch.clean)
         corr: dict = {}
         with torch.no_grad():
             corr_logits = self._forward(batch.corrupted, self._source_hooks(corr))
@@ -323,10 +365,26 @@ class Engine:
                 self._direct = False
         return self._direct
 
+    def _check_unembed(self, batch: Batch, run: Run) -> bool:
+        """Whether ``ln_final`` and ``unembed`` of the last residual give the model's logits.
+
+        Not where the model transforms logits after the unembedding (Gemma-2's
+        final soft-capping, a logit scale); edges into ``logits`` are then
+        scored with full forward passes.
+        """
+        if self._unembed is None:
+            with torch.no_grad():
+                logits = self._unembed_last(run.resid_final[:1, -1])
+                ref = self._forward(batch.clean[:1], [])
+            tol = 1e-4 if self.dtype == torch.float64 else 1e-2
+            self._unembed = bool(torch.allclose(logits, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0))
+        return self._unembed
+
     def exact_scores(self, batch: Batch, run: Run, rows: int = 256, progress: Callable[[int], None] | None = None
                      ) -> torch.Tensor:
         """Exact scores ``[B, edge]``: patched metric minus clean metric, ``rows`` patched runs per pass."""
         direct = self._check_direct(batch, run)
+        unembed = self._check_unembed(batch, run)
         B = len(batch)
         out = torch.empty(B, len(self.edges), device=self.device, dtype=self.score_dtype)
         diff = run.diff
@@ -342,8 +400,12 @@ class Engine:
                 delta = diff[b_idx, :, torch.as_tensor(self.edge_src[e_idx], device=self.device)]  # [R, pos, D]
                 sub = batch.take(b_all[sl])
                 with torch.no_grad():
-                    if layer == self.L:
+                    if layer == self.L and unembed:
                         logits = self._unembed_last(run.resid_final[b_idx, -1] + delta[:, -1])
+                    elif layer == self.L:
+                        def add_final(act, hook, d=delta):
+                            return act + d
+                        logits = self._forward(sub.clean, [(f"blocks.{self.L - 1}.hook_resid_post", add_final)])
                     else:
                         hooks = self._patch_hooks(layer, self.edge_slot[e_idx], delta)
                         if direct:
@@ -555,3 +617,8 @@ def _bar(progress: bool, total: int, unit: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, unit_scale=True, disable=not progress, dynamic_ncols=True, leave=False)
+
+
+def _arch(model) -> str:
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "original_architecture", None) or type(model).__name__)

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformer_lens")
 
-from tinymodel import make_tiny_llama, make_tiny_model, tiny_task_rows  # noqa: E402
+from tinymodel import make_tiny_llama, make_tiny_model, make_tiny_olmo2, tiny_task_rows  # noqa: E402
 
 from bayescirc import schema  # noqa: E402
 from bayescirc.bridge import load_model, model_graph, scoring_mode  # noqa: E402
@@ -548,6 +548,46 @@ def test_grouped_query_attention_without_ungrouping_is_a_model_error(tmp_path, t
     with pytest.raises(ModelError, match=message):
         collect(str(path), task, methods=["eap"], device="cpu", out=tmp_path / "s.parquet", progress=False)
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_a_model_that_normalises_sublayer_outputs_is_a_model_error(tmp_path, task):
+    """OLMo-2 normalises each attention and MLP output before adding it to the residual stream, so the heads'
+    outputs (attn.hook_result) are not what they write: scoring them per edge would patch the wrong quantity."""
+    path = make_tiny_olmo2(tmp_path / "olmo2-tiny")
+    out = tmp_path / "s.parquet"
+    with pytest.raises(ModelError, match=r"block 0's residual write is not the sum of its heads' outputs"):
+        collect(str(path), task, methods=["exact", "eap"], device="cpu", out=out, progress=False)
+    assert not out.exists()
+
+
+def test_the_additivity_probe_accepts_the_sequential_gpt2(model64, task):
+    """Each GPT-2 block writes exactly the sum of its heads' outputs, its MLP output and b_O."""
+    with scoring_mode(model64) as graph:
+        engine = Engine(model64, graph)
+        engine.check_additive(model64.to_tokens(task.clean[0]))
+    assert engine._additive
+
+
+def test_edges_into_logits_use_full_forward_passes_when_the_unembedding_alone_misses_the_logits(model64, task,
+                                                                                                 monkeypatch):
+    """Where ln_final + unembed of the last residual does not give the model's logits (Gemma-2's soft-capped
+    logits, a logit scale), the engine notices and scores edges into ``logits`` with full forward passes: here the
+    shortcut is broken on purpose, and the scores still equal one hooked forward per edge."""
+    import bayescirc.patching as patching
+
+    sub = task.iloc[[0]].reset_index(drop=True)
+    with scoring_mode(model64) as graph:
+        edges = [e for e in graph.edges if e.endswith("->logits")]
+        ref = naive_exact(model64, sub.iloc[0], edges)
+
+    class Scaled(Engine):  # a shortcut that misses a final logit scale
+        def _unembed_last(self, resid_last):
+            return 2.0 * super()._unembed_last(resid_last)
+
+    monkeypatch.setattr(patching, "Engine", Scaled)
+    scores = collect(model64, sub, methods=["exact"], progress=False)
+    exact = scores.set_index(schema.EDGE)[schema.SCORE].loc[edges].to_numpy()
+    assert np.allclose(exact, ref, rtol=1e-6, atol=1e-10) and np.abs(ref).max() > 1e-4
 
 
 class _AttentionOnly(_WithoutSplitQKV):

@@ -74,6 +74,26 @@ def make_tiny_llama(path: str | Path, n_layers: int = 2, n_heads: int = 4, n_key
     return path
 
 
+def make_tiny_olmo2(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_model: int = 32, seed: int = 0) -> Path:
+    """Write a random OLMo-2 (RMS norms *after* attention and the MLP, not before) to ``path``."""
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    path = Path(path)
+    vocab = _save_tokenizer(path)
+    config = Olmo2Config(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = Olmo2ForCausalLM(config)
+    with torch.no_grad():  # norm weights away from 1 so the post-norms visibly rescale each write
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
 def tiny_task_rows() -> list[dict]:
     """Prompt pairs of two lengths with single-token answers (IOI-like)."""
     rows = []
