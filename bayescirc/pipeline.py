@@ -121,13 +121,13 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
     timings["fit"] = time.perf_counter() - start
 
     from .circuits import sample_circuits
-    from .export import collected_graph, write_circuit_json
+    from .export import collected_graph, model_width, write_circuit_json
 
     start = stage("circuits: sample posterior circuits, export the median-probability circuit", 3)
     samples = sample_circuits(result, seed=seed)
     circuit = frozenset(samples.median_circuit())
     write_circuit_json(paths["circuit"], circuit, samples.frequency,
-                       graph=collected_graph(result.summary.get("metadata")))
+                       graph=collected_graph(result.summary.get("metadata")), d_model=model_width(model))
     timings["circuits"] = time.perf_counter() - start
 
     from .reporting import diagnostic_checks, report

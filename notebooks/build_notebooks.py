@@ -105,7 +105,9 @@ dataset (plain English names). **Needs a GPU and access to the Hugging Face hub*
 GPT-2: pass its directory instead of `"gpt2"`). Not executed by the test suite.
 
 Sizes: exact patching of all 32,491 edges costs one patched forward pass per edge and input; 100 exact
-inputs take minutes on one modern GPU. The approximations run on all 500 inputs."""),
+inputs should take minutes on one modern GPU (not yet measured: no GPU was available while this was written;
+`benchmarks/bench_collect.py --device cuda` measures it); on a CPU, about an hour per input. The approximations
+run on all 500 inputs."""),
     ("code", """%matplotlib inline
 import os
 from pathlib import Path

@@ -64,6 +64,7 @@ def test_demo_command_runs_the_pipeline_and_says_where_things_are(tmp_path):
     for stage in ("[1/4] collect", "[2/4] fit", "[3/4] circuits", "[4/4] report"):
         assert stage in proc.stdout
     data = json.loads((out / "circuit.json").read_text())
+    assert data["cfg"] == {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 128}  # ioi-toy's
     circuit = {e for e, v in data["edges"].items() if v["in_graph"]}
     assert f"median-probability circuit: {len(circuit)} of " in proc.stdout
     assert (out / "report.html").read_text().count("<img ") >= 6

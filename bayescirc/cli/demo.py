@@ -27,7 +27,8 @@ def command(out, model, task, n_inputs, exact_inputs, draws, chains, seed, devic
 
     With the defaults this takes a few minutes on two CPU cores. Each stage is
     the public command of the same name, so the files it writes are the ones
-    you would get from:
+    you would get from the commands below (of the circuits stage the demo keeps
+    median_circuit.json, as OUT/circuit.json):
 
     \b
       bayescirc collect --model MODEL --task MODEL/task.jsonl --n-inputs 200 --exact-inputs 50 --out OUT/scores.parquet

@@ -30,8 +30,8 @@ def _held_out(value):
 @click.option("--rule", default="slab", show_default=True, metavar="slab|topk:K|threshold:D",
               help="How a posterior draw becomes a circuit (see `bayescirc circuits --help`).")
 @click.option("--held-out", default=None, metavar="N|A:B|I,J,...",
-              help="Inputs to evaluate on: N = the N task rows after those the fit saw; A:B = rows A..B-1; "
-                   "or a list of rows. [default: every task row after the fit's inputs]")
+              help="Inputs to evaluate on: N = the first N task rows the fit did not see; A:B = rows A..B-1; "
+                   "or a list of rows. [default: every task row the fit did not see (summary.json input_ids)]")
 @click.option("--metric", default="logit-diff", show_default=True, help="Task metric (as in `bayescirc collect`).")
 @click.option("--interval", "interval_prob", default=0.9, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -49,7 +49,8 @@ import click
 @click.option("--seed", default=0, show_default=True, help="Random seed of the resamples.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Directory for stability.json, bootstrap.parquet, methods_jaccard.parquet, k_jaccard.parquet, "
-                   "edges.parquet and summary.txt. [default: print only]")
+                   "edges.parquet and summary.txt, and with --bayes headline.parquet and resamples.parquet. "
+                   "[default: print only]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, fit_draws, fit_chains, fit_inference,
