@@ -20,6 +20,7 @@ from ._guides import GaussianGuide, PointGuide, global_sites
 from .model import Globals
 
 SVI_LOSS_POINTS = 200
+SCORE_RESOLUTION = 1e-6  # x the typical score size: a smaller spread across inputs is float32 rounding, not scatter
 MAP_EDGES = 600  # edges used to locate the mode of the globals before the grids are refined
 MAP_EDGES_PER_GROUP = 20  # ... at least this many of every edge type, error group and layer (or all it has)
 SVI_EDGE_BATCH = 500  # SVI subsamples this many edges per step above that size (with a control variate)
@@ -75,7 +76,7 @@ class Problem:
     def build(cls, stats, type_idx, layer_idx, n_types, n_layers, scale, spike_sd, likelihood, exact_values,
               exact_mask, error_pooling="type", approx_only="mean", progress=False) -> Problem:
         by_type = error_pooling == "type" and n_types > 1
-        data, _ = bm.edge_data(stats)
+        data, _ = bm.edge_data(stats, resolution=SCORE_RESOLUTION * scale)
         data = replace(data, approx_mean_only=approx_only == "mean")
         T = n_types if by_type else 1
         if by_type:  # rows 0..T-1 per edge type; row T the method's own values, for edges that say nothing
@@ -257,8 +258,9 @@ def _svi_steps(svi: SVI, state, args, steps: int, progress: bool = False, stop_a
 
             step = (len(losses) - 1) * SVI_CHUNK + int(np.argmin(np.isfinite(losses[-1])))
             raise FitError(f"the optimiser diverged: the loss became {losses[-1][step % SVI_CHUNK]} at step {step}. "
-                           "Check the scores for extreme values (bayescirc inspect), or set prior_scale to their "
-                           "typical size, or fit with --inference nuts.")
+                           "Check the scores for extreme values (bayescirc inspect); try --approx-only full "
+                           "(Python: approx_only='full'), which takes approximate-only inputs one by one; in Python, "
+                           "fit(..., prior_scale=S) with S the scores' typical size.")
         bar.update(SVI_CHUNK)
         if progress:
             bar.set_postfix(loss=f"{float(losses[-1][-1]):.4g}")

@@ -108,6 +108,9 @@ class EdgeData:
     :func:`make_globals`: its edge type, or the method's own row).
     ``approx_mean_only`` (static): approximate-only inputs of an edge with
     exact inputs enter through their mean alone (see :func:`quadratic_terms`).
+    ``pat_scatter[p]`` (E,) bool: every method of pattern ``p`` varies across
+    its inputs by more than the resolution of the scores (:func:`edge_data`),
+    so their sample covariance can stand in for their noise; empty = all.
     """
 
     n_x: jnp.ndarray
@@ -126,6 +129,7 @@ class EdgeData:
     pat_idx: tuple = field(metadata=dict(static=True))
     n_methods: int = field(metadata=dict(static=True))
     approx_mean_only: bool = field(default=False, metadata=dict(static=True))
+    pat_scatter: tuple = ()
 
     @property
     def n_edges(self) -> int:
@@ -137,14 +141,20 @@ class EdgeData:
                                                       "error_group")}
         return EdgeData(**arrays, pat_n=tuple(a[idx] for a in self.pat_n), pat_s=tuple(a[idx] for a in self.pat_s),
                         pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods,
-                        approx_mean_only=self.approx_mean_only)
+                        approx_mean_only=self.approx_mean_only, pat_scatter=tuple(a[idx] for a in self.pat_scatter))
 
 
-def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
+def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeData, list[str]]:
     """Turn :class:`~bayescirc.scores.SufficientStats` into :class:`EdgeData`.
 
     ``error_group`` (E,) ints: each edge's approximation-parameter row
     (default: 0 for all, the method's own parameters; see :func:`make_globals`).
+    ``resolution``: the smallest score SD that is not rounding (the fit uses
+    1e-6 x the typical score size: scores are float32). An approximate-only
+    pattern whose methods scatter less than that on an edge keeps the full
+    likelihood there: its sample covariance (say 1e-21 for scores that are
+    float32 noise around 0) would claim a precision no score has, and the
+    evidence overflowed.
     Returns the data and the approximate method labels (in ``stats.methods``
     order, the exact method removed).
     """
@@ -159,7 +169,7 @@ def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
     zeros = np.zeros(E)
     n_x, sx, sxx = zeros.copy(), zeros.copy(), zeros.copy()
     blk = {k: np.zeros((E, M)) for k in ("n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m")}
-    pat_n, pat_s, pat_c, pat_idx = [], [], [], []
+    pat_n, pat_s, pat_c, pat_idx, pat_scatter = [], [], [], [], []
     for p, members in enumerate(pats):
         if x is not None and members[x]:
             n_x += n[:, p]
@@ -182,9 +192,12 @@ def edge_data(stats, error_group=None) -> tuple[EdgeData, list[str]]:
             pat_n.append(n[:, p])
             pat_s.append(sums[:, p][:, cols])
             pat_c.append(cross[:, p][:, cols][:, :, cols])
+            count = np.maximum(n[:, p], 2.0)[:, None]
+            sample_var = (np.diagonal(pat_c[-1], axis1=1, axis2=2) - pat_s[-1] ** 2 / count) / (count - 1)
+            pat_scatter.append(np.all(sample_var > resolution**2, axis=1))
     group = np.zeros(E, np.int32) if error_group is None else np.asarray(error_group, np.int32)
     data = EdgeData(n_x=n_x, sx=sx, sxx=sxx, **blk, pat_n=tuple(pat_n), pat_s=tuple(pat_s), pat_c=tuple(pat_c),
-                    error_group=group, pat_idx=tuple(pat_idx), n_methods=M)
+                    error_group=group, pat_idx=tuple(pat_idx), n_methods=M, pat_scatter=tuple(pat_scatter))
     return data, [methods[k] for k in approx]
 
 
@@ -313,8 +326,8 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
     (measured on ioi-toy: intrinsic SD 3.4 for an edge whose exact scores have
     SD 1.6-2.0). With the mean alone, ``tau`` is learnt from the exact inputs
     and the approximations inform ``mu`` with their own observed precision.
-    Patterns with fewer than ``q + 2`` inputs, or a method with no scatter,
-    keep the full likelihood.
+    Patterns with fewer than ``q + 2`` inputs, or a method with no scatter
+    beyond the scores' resolution (``pat_scatter``), keep the full likelihood.
     """
     M = data.n_methods
     K = 1 + M
@@ -336,7 +349,8 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
             A[1 + m][1 + m] = (n[:, m] / s2[:, m])[:, None]
             b[1 + m] = (r1[:, m] / s2[:, m])[:, None]
         c = c + jnp.sum(-0.5 * n * (LOG_2PI + jnp.log(s2)) - 0.5 * r2 / s2, axis=-1)[:, None]
-        for idx, pn, ps, pc in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c):
+        scatter = data.pat_scatter or (True,) * len(data.pat_idx)
+        for idx, pn, ps, pc, resolved in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c, scatter):
             idx = tuple(int(i) for i in idx)
             if not data.approx_mean_only:
                 c = _add_approx_only(A, b, c, v, idx, pn, ps, pc, a, be, s2)
@@ -344,6 +358,7 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
             A_full, b_full = [list(row) for row in A], list(b)
             c_full = _add_approx_only(A_full, b_full, c, v, idx, pn, ps, pc, a, be, s2)
             use, c_mean = _add_approx_mean(A, b, c, idx, pn, ps, pc, a, be, data.n_x)
+            use = use & jnp.reshape(jnp.asarray(resolved), (-1, 1))
             for i in range(K):
                 b[i] = jnp.where(use, b[i], b_full[i])
                 for j in range(i + 1):

@@ -249,6 +249,21 @@ def test_a_method_with_all_zero_scores_is_dropped_with_a_message(tiny):
     assert res.summary["methods"] == ["eap-ig-inputs"]
 
 
+def test_an_edge_scored_at_rounding_noise_fits(tiny):
+    """An edge whose exact scores are all 0 and whose approximate scores are float32 noise around 0 (a saturated
+    head's query edges on a small collect) takes its approximate-only inputs one by one: their sample covariance
+    (~1e-20) would claim a precision no score has (the fit diverged at its first step)."""
+    scores = tiny.scores.copy()
+    edge = scores["edge"] == "input->a0.h1<q>"
+    scores.loc[edge & (scores["method"] == "exact"), "score"] = 0.0
+    approx = edge & (scores["method"] != "exact")
+    scores.loc[approx, "score"] = np.random.default_rng(0).normal(0.0, 1e-10, approx.sum())
+    res = quiet_fit(scores, **FAST)
+    assert np.isfinite(res.edges[list(schema.EDGE_TABLE_COLUMNS[1:])].to_numpy()).all()
+    row = res.edges.set_index(schema.EDGE).loc["input->a0.h1<q>"]
+    assert abs(row["effect_mean"]) < 0.05 and row["inclusion_prob"] < 0.5
+
+
 def test_one_input_fits_with_a_warning():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=1, n_exact=1, seed=7)
     res, messages = fit_warnings(sim.scores, **FAST)
