@@ -88,16 +88,16 @@ def _tokens_str(tokenizer, ids) -> str:
         return repr(list(ids))
 
 
-def _answer_id(model, row: int, column: str, text, token_id, prompt: str) -> int:
+def _answer_id(model, where: str, column: str, text, token_id, prompt: str) -> int:
     tokenizer = model.tokenizer
     vocab = int(model.cfg.d_vocab)
     if token_id is not None and not pd.isna(token_id):
         if not 0 <= int(token_id) < vocab:
-            raise TaskError(f"row {row}: {column} token id {int(token_id)} is outside the model's vocabulary (0..{vocab - 1}).")
+            raise TaskError(f"{where}: {column} token id {int(token_id)} is outside the model's vocabulary (0..{vocab - 1}).")
         return int(token_id)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise TaskError(f"row {row}: {column} {text!r} is {len(ids)} tokens {_tokens_str(tokenizer, ids)}, "
+        raise TaskError(f"{where}: {column} {text!r} is {len(ids)} tokens {_tokens_str(tokenizer, ids)}, "
                         f"not one. The metric compares single next tokens after the prompt {prompt!r}; choose a "
                         "one-token answer (with GPT-2 tokenizers usually with its leading space, e.g. ' Mary').")
     return int(ids[0])
@@ -116,6 +116,7 @@ def prepare_inputs(model, task, *, input_ids=None, n_inputs: int | None = None, 
     import torch
 
     from .patching import Batch
+    from .tasks import row_location
 
     table = _read(task, n_inputs)
     rows = range(len(table)) if input_ids is None else [int(i) for i in input_ids]
@@ -124,18 +125,18 @@ def prepare_inputs(model, task, *, input_ids=None, n_inputs: int | None = None, 
     for i in rows:
         if not 0 <= i < len(table):
             raise TaskError(f"input {i} is not a row of the task (it has {len(table)} rows).")
-        rec = table.iloc[i]
+        rec, where = table.iloc[i], row_location(table, i)
         clean = model.to_tokens(rec["clean"], truncate=False)[0].tolist()
         corrupted = model.to_tokens(rec["corrupted"], truncate=False)[0].tolist()
         if len(clean) != len(corrupted):
             raise TaskError(
-                f"row {i}: clean and corrupted prompts tokenise to different lengths ({len(clean)} vs {len(corrupted)} "
+                f"{where}: clean and corrupted prompts tokenise to different lengths ({len(clean)} vs {len(corrupted)} "
                 f"tokens): clean {_tokens_str(model.tokenizer, clean)}, corrupted {_tokens_str(model.tokenizer, corrupted)}. "
                 "Patching compares the two runs position by position; edit the prompts so they align token by token.")
         if len(clean) > n_ctx:
-            raise TaskError(f"row {i}: the prompt is {len(clean)} tokens, longer than the model's context ({n_ctx}).")
-        answer = _answer_id(model, i, "answer", rec["answer"], rec.get("answer_id"), rec["clean"])
-        distractor = _answer_id(model, i, "distractor", rec["distractor"], rec.get("distractor_id"), rec["clean"])
+            raise TaskError(f"{where}: the prompt is {len(clean)} tokens, longer than the model's context ({n_ctx}).")
+        answer = _answer_id(model, where, "answer", rec["answer"], rec.get("answer_id"), rec["clean"])
+        distractor = _answer_id(model, where, "distractor", rec["distractor"], rec.get("distractor_id"), rec["clean"])
         groups.setdefault(len(clean), []).append((i, clean, corrupted, answer, distractor))
     device = next(model.parameters()).device
     batches = []

@@ -205,7 +205,17 @@ def read_task(task: str | os.PathLike | pd.DataFrame, n_inputs: int | None = Non
         if n_inputs < 1:
             raise TaskError(f"n_inputs must be >= 1, got {n_inputs}.")
         out = out.iloc[:n_inputs].reset_index(drop=True)
+    if lines is not None:  # so later checks (tokenisation in collect) can name the file line
+        out.attrs.update(source=source, lines=list(lines[:len(out)]))
     return out
+
+
+def row_location(table: pd.DataFrame, row: int) -> str:
+    """Where task row ``row`` came from: ``ioi.jsonl line 12 (row 10)`` for a file :func:`read_task` read, else ``row 10``."""
+    lines = table.attrs.get("lines")
+    if lines is not None and 0 <= row < len(lines):
+        return f"{table.attrs.get('source', 'task')} line {lines[row]} (row {row})"
+    return f"row {row}"
 
 
 def write_task(frame: pd.DataFrame, path: str | os.PathLike) -> Path:

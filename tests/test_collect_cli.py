@@ -66,11 +66,12 @@ def test_collect_errors_are_one_line(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     rows = tiny_task_rows()[:2]
     rows[1]["answer"] = "Mary John"
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")  # a blank line: row 1 is on line 3
     result = CliRunner().invoke(cli, ["collect", "--model", str(model), "--task", str(bad), "--out",
                                       str(tmp_path / "s.parquet"), "--quiet"])
     assert result.exit_code == 2
-    assert "row 1: answer 'Mary John' is 2 tokens" in result.output and "Traceback" not in result.output
+    assert f"{bad} line 3 (row 1): answer 'Mary John' is 2 tokens" in result.output
+    assert "Traceback" not in result.output
     assert not (tmp_path / "s.parquet").exists()
     result = CliRunner().invoke(cli, ["collect", "--model", str(model), "--task", str(task), "--methods", "exact,foo",
                                       "--out", str(tmp_path / "s.parquet")])
