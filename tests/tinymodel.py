@@ -58,19 +58,26 @@ def _save_tokenizer(path: Path) -> dict[str, int]:
     return vocab
 
 
-def make_tiny_llama(path: str | Path, n_layers: int = 2, n_heads: int = 4, n_key_value_heads: int = 2,
-                    d_model: int = 32, seed: int = 0) -> Path:
-    """Write a random Llama with grouped-query attention (``n_key_value_heads`` < ``n_heads``) to ``path``."""
+def _decoder(path, config_cls, model_cls, n_layers, n_heads, n_key_value_heads, d_model, seed):
+    """A random Hugging Face decoder with the test tokenizer, unsaved: ``(model, path)``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     vocab = _save_tokenizer(path)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
-                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_key_value_heads,
-                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=2)
+    config = config_cls(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
+                        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_key_value_heads,
+                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=2)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    return model_cls(config), path
+
+
+def make_tiny_llama(path: str | Path, n_layers: int = 2, n_heads: int = 4, n_key_value_heads: int = 2,
+                    d_model: int = 32, seed: int = 0) -> Path:
+    """Write a random Llama with grouped-query attention (``n_key_value_heads`` < ``n_heads``) to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, path = _decoder(path, LlamaConfig, LlamaForCausalLM, n_layers, n_heads, n_key_value_heads, d_model, seed)
+    model.save_pretrained(path)
     return path
 
 
@@ -79,13 +86,7 @@ def make_tiny_olmo2(path: str | Path, n_layers: int = 2, n_heads: int = 4, d_mod
     import torch
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    path = Path(path)
-    vocab = _save_tokenizer(path)
-    config = Olmo2Config(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
-                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=2)
-    torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(config)
+    model, path = _decoder(path, Olmo2Config, Olmo2ForCausalLM, n_layers, n_heads, n_heads, d_model, seed)
     with torch.no_grad():  # norm weights away from 1 so the post-norms visibly rescale each write
         for name, param in model.named_parameters():
             if "norm" in name:
