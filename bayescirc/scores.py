@@ -212,6 +212,9 @@ def _warn_near_exact(methods: list[str], source: str) -> None:
 def _check_declared_methods(metadata: dict, methods: list[str], source: str) -> None:
     declared = list((metadata or {}).get("methods") or {})
     absent = [m for m in declared if m not in methods]
+    collect = ((metadata or {}).get("extra") or {}).get("collect") or {}
+    if collect.get("exact_inputs") == 0 or collect.get("shard"):  # asked for, but this file holds no exact input
+        absent = [m for m in absent if m != schema.EXACT]
     if absent:
         raise ScoresError(
             f"{source}: method(s) {absent} are declared in the file metadata but have no rows. "

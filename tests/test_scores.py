@@ -177,6 +177,18 @@ def test_a_method_declared_in_metadata_without_rows_is_refused(tmp_path):
     assert "'kl'" in _error(tmp_path / "declared.parquet")
 
 
+@pytest.mark.parametrize("collect", [{"exact_inputs": 0, "shard": None}, {"exact_inputs": 2, "shard": "2/2"}])
+def test_exact_asked_for_but_given_to_no_input_of_this_file_reads(tmp_path, collect):
+    """`collect --exact-inputs 0`, or a shard past the exact subset, declares 'exact' and holds no exact rows."""
+    frame = small_scores()
+    frame = frame[frame["method"] != "exact"]
+    meta = {"methods": {"exact": {}, **{m: {} for m in frame["method"].unique()}}, "extra": {"collect": collect}}
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({schema.METADATA_KEY: json.dumps(meta)}), tmp_path / "k0.parquet")
+    assert sorted(read_scores(tmp_path / "k0.parquet")["method"].unique()) == sorted(frame["method"].unique())
+    assert "exact" not in sufficient_statistics(tmp_path / "k0.parquet").methods
+
+
 def test_null_values_are_refused(tmp_path):
     frame = small_scores().astype({"edge": object})
     frame.loc[1, "edge"] = None
