@@ -792,8 +792,8 @@ def _available(fit: FitResult, scores) -> list[str]:
         kinds.append("ppc")
     if (fit.summary.get("decomposition") or {}).get("per_method"):
         kinds.append("decomposition")
-    if scores is not None and _methods(fit):
-        kinds.append("scatter")
+    if scores is not None and _methods(fit) and fit.summary.get("exact_method"):
+        kinds.append("scatter")  # approximate against exact scores: needs both
     kinds.append("circuit")
     return kinds
 

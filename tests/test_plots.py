@@ -109,6 +109,17 @@ def test_all_writes_the_kinds_the_fit_supports(tmp_path, fit, svi_fit, sim):
     assert set(plots.plot(svi_fit, "all")) == {"trace", "rank", "forest", "loss", "decomposition", "circuit"}
 
 
+def test_all_leaves_out_the_exact_scatter_for_a_fit_without_exact_scores(tmp_path, svi_fit, sim):
+    """Approximate against exact scores needs exact scores: an EAP-only fit plots everything else (it failed whole)."""
+    import copy
+
+    eap_only = copy.copy(svi_fit)
+    eap_only.summary = {**svi_fit.summary, "exact_method": None}
+    scores = sim.scores[sim.scores["method"] != "exact"]
+    figures = plots.plot(eap_only, "all", scores=scores, out=tmp_path / "eap")
+    assert "scatter" not in figures and {"ppc", "circuit", "forest"} <= set(figures)
+
+
 def test_scores_are_required_for_ppc_and_scatter(fit):
     for kind in ("ppc", "scatter"):
         with pytest.raises(BayescircError, match="scores"):
