@@ -282,13 +282,13 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         ppc["preferred"] = "student-t" if g["heavy_tailed"] else "gaussian"
         ppc["reason"] = (f"{g['share_kurtosis_p_below_0.05']:.1%} of {g['edges_checked']} edges have more extreme exact-score "
                          f"kurtosis than a Gaussian predicts 95% of the time (expected 5%, critical {g['critical_share']:.1%})")
-    else:
-        ppc["preferred"] = "gaussian"
+    else:  # nothing checked: no preference, and no advice to refit
+        ppc["preferred"] = None
         ppc["reason"] = g.get("note", "")
     if likelihood == "student-t":
         values, counts = np.unique(per_edge["df"].reshape(-1), return_counts=True)
         ppc["student-t"] = {"df_posterior": {str(v): float(c / counts.sum()) for v, c in zip(values, counts)}}
-    if ppc["preferred"] != likelihood:
+    if ppc["preferred"] is not None and ppc["preferred"] != likelihood:
         warn.append(f"the posterior predictive check prefers likelihood={ppc['preferred']!r} ({ppc['reason']}); "
                     f"refit with --likelihood {ppc['preferred']}.")
 

@@ -303,6 +303,20 @@ def test_bad_options_are_refused_before_any_work(tiny, kw, match):
         fit(tiny.scores, **{**FAST, **kw})
 
 
+def test_too_few_exact_inputs_for_the_predictive_check_give_no_likelihood_advice(capsys):
+    """Below 8 exact inputs per edge the check does not run: no preferred likelihood, no 'refit with' warning
+    (a Student-t fit was told to refit with a Gaussian on no evidence)."""
+    from bayescirc.cli.fit import _print_summary
+
+    sim = simulate(n_layers=1, n_heads=2, n_inputs=20, n_exact=5, seed=5)
+    res, messages = fit_warnings(sim.scores, likelihood="student-t", **FAST)
+    assert res.summary["ppc"]["preferred"] is None and "nothing to check" in res.summary["ppc"]["reason"]
+    assert not any("predictive check prefers" in m for m in messages)
+    _print_summary(res, top=3)
+    printed = capsys.readouterr().out
+    assert "Posterior predictive check: fewer than 8 exact inputs" in printed and "prefers the" not in printed
+
+
 def test_student_t_needs_exact_scores():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=20, n_exact=0, seed=5)
     with pytest.raises(FitError, match="needs exact scores"):

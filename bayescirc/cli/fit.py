@@ -37,7 +37,10 @@ def _print_summary(res, top: int) -> None:
                    f"{_fmt(d['min_ess_bulk'], '.0f')}/{_fmt(d['min_ess_tail'], '.0f')}, divergences {d['divergences']}")
     else:
         click.echo(f"\nDiagnostics: SVI final loss {_fmt(d['svi_final_loss'], '.2f')}")
-    click.echo(f"Posterior predictive check prefers the {s['ppc']['preferred']} likelihood: {s['ppc'].get('reason', '')}")
+    if s["ppc"].get("preferred"):
+        click.echo(f"Posterior predictive check prefers the {s['ppc']['preferred']} likelihood: {s['ppc'].get('reason', '')}")
+    else:
+        click.echo(f"Posterior predictive check: {s['ppc'].get('reason') or 'not run'}")
     for w in d["warnings"]:
         click.echo(f"WARNING: {w}")
 
