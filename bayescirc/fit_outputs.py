@@ -18,6 +18,8 @@ __all__ = ["assemble", "chi2_sf_log", "decomposition", "gaussian_ppc", "edges_fr
 
 RHAT_MAX = 1.01
 ESS_MIN = 400
+MAX_TREE_STEPS = 2**10 - 1  # NumPyro's NUTS default max_tree_depth=10
+MAX_TREE_SHARE = 0.1  # warn when more NUTS iterations than this hit it
 METHOD_SITES = ("alpha", "beta", "sigma", "omega")
 PER_METHOD_SITES = METHOD_SITES + ("alpha_rel", "omega_rel")
 SITE_DIMS = {**{k: [schema.DIM_METHOD] for k in PER_METHOD_SITES},
@@ -249,6 +251,13 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         d = sampling_diagnostics(idata, sampled + ["mu"])
         diag.update({k: d[k] for k in ("max_r_hat", "min_ess_bulk", "min_ess_tail")})
         diag["divergences"] = int(np.sum(result.sample_stats["diverging"]))
+        steps = np.asarray(result.sample_stats.get("n_steps", ())).reshape(-1)
+        diag["max_tree_depth_share"] = float(np.mean(steps >= MAX_TREE_STEPS)) if steps.size else None
+        if steps.size and diag["max_tree_depth_share"] > MAX_TREE_SHARE:
+            warn.append(f"{diag['max_tree_depth_share']:.0%} of NUTS iterations hit the maximum tree depth "
+                        f"({MAX_TREE_STEPS} leapfrog steps): the sampler barely moves (parameters on very different "
+                        "scales, e.g. few inputs with edges scored at rounding noise), so r_hat and ESS can look "
+                        "fine while a chain is stuck. Check the trace plot, or fit with --inference svi.")
         chains, draws = idata.posterior.sizes.get("chain", 1), idata.posterior.sizes.get("draw", 1)
         if draws < 4:
             warn.append(f"{draws} draws per chain: too few for r_hat or ESS; run --draws 400 or more.")

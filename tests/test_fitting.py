@@ -317,6 +317,18 @@ def test_too_few_exact_inputs_for_the_predictive_check_give_no_likelihood_advice
     assert "Posterior predictive check: fewer than 8 exact inputs" in printed and "prefers the" not in printed
 
 
+def test_nuts_stuck_at_the_maximum_tree_depth_is_a_warning(tiny, monkeypatch):
+    """A chain whose every iteration runs the full 1,023 leapfrog steps barely moves while its ESS can look fine
+    (seen on a 2-input collect): the share of such iterations is recorded and warned about. Here the bound is
+    lowered to 1 step so that every iteration counts."""
+    import bayescirc.fit_outputs as fit_outputs
+
+    monkeypatch.setattr(fit_outputs, "MAX_TREE_STEPS", 1)
+    res, messages = fit_warnings(tiny.scores, inference="nuts", chains=1, draws=20, warmup=20, progress=False)
+    assert res.summary["diagnostics"]["max_tree_depth_share"] == 1.0
+    assert any("100% of NUTS iterations hit the maximum tree depth" in m for m in messages)
+
+
 def test_student_t_needs_exact_scores():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=20, n_exact=0, seed=5)
     with pytest.raises(FitError, match="needs exact scores"):
