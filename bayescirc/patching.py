@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import schema
+from .bridge import _model_name
 from .errors import BayescircError, ModelError
 from .graph import LOGITS, QKV, Graph, parse_edge
 from .metrics import metric_fn
@@ -210,7 +211,7 @@ class Engine:
             size = max(1.0, float(post.abs().max()))
             if off > tol * size:
                 raise ModelError(
-                    f"{_arch(self.model)}: block {layer}'s residual write is not the sum of its heads' outputs "
+                    f"{_model_name(self.model)}: block {layer}'s residual write is not the sum of its heads' outputs "
                     f"(attn.hook_result) and its MLP output (hook_mlp_out): they differ by up to {off:.3g} (residual "
                     f"stream up to {size:.3g}). This architecture transforms sublayer outputs before adding them "
                     "(e.g. a norm after attention or the MLP), so per-edge patching of the graph's sources would "
@@ -618,7 +619,3 @@ def _bar(progress: bool, total: int, unit: str):
 
     return tqdm(total=total, unit=unit, unit_scale=True, disable=not progress, dynamic_ncols=True, leave=False)
 
-
-def _arch(model) -> str:
-    cfg = getattr(model, "cfg", None)
-    return str(getattr(cfg, "model_name", None) or getattr(cfg, "original_architecture", None) or type(model).__name__)
