@@ -66,8 +66,9 @@ class Problem:
     def args(self) -> tuple:
         """The model's array arguments: passed to JAX, never closed over, so equal shapes share a compilation."""
         data = self.data
-        if self.student_t is not None:
-            data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx))
+        if self.student_t is not None:  # exact inputs enter through the Student-t terms, so no Gaussian ones
+            data = replace(data, n_x=np.zeros_like(data.n_x), sx=np.zeros_like(data.sx), sxx=np.zeros_like(data.sxx),
+                           approx_mean_only=False)  # as for any edge without exact inputs in the Gaussian terms
         as_jax = partial(jax.tree.map, jnp.asarray)  # edge subsampling indexes them with traced indices
         return (as_jax(data), as_jax(self.grid), jnp.asarray(self.type_idx), jnp.asarray(self.layer_idx),
                 jnp.asarray(self.scale, float), None if self.student_t is None else as_jax(self.student_t))

@@ -108,9 +108,9 @@ class EdgeData:
     :func:`make_globals`: its edge type, or the method's own row).
     ``approx_mean_only`` (static): approximate-only inputs of an edge with
     exact inputs enter through their mean alone (see :func:`quadratic_terms`).
-    ``pat_scatter[p]`` (E,) bool: every method of pattern ``p`` varies across
-    its inputs by more than the resolution of the scores (:func:`edge_data`),
-    so their sample covariance can stand in for their noise; empty = all.
+    ``pat_mean[p]`` (E,) bool: with ``approx_mean_only``, the edges where the
+    inputs of pattern ``p`` enter through their mean (:func:`edge_data` says
+    when); elsewhere, or when empty, they keep the full likelihood.
     """
 
     n_x: jnp.ndarray
@@ -129,7 +129,7 @@ class EdgeData:
     pat_idx: tuple = field(metadata=dict(static=True))
     n_methods: int = field(metadata=dict(static=True))
     approx_mean_only: bool = field(default=False, metadata=dict(static=True))
-    pat_scatter: tuple = ()
+    pat_mean: tuple = ()
 
     @property
     def n_edges(self) -> int:
@@ -141,7 +141,7 @@ class EdgeData:
                                                       "error_group")}
         return EdgeData(**arrays, pat_n=tuple(a[idx] for a in self.pat_n), pat_s=tuple(a[idx] for a in self.pat_s),
                         pat_c=tuple(a[idx] for a in self.pat_c), pat_idx=self.pat_idx, n_methods=self.n_methods,
-                        approx_mean_only=self.approx_mean_only, pat_scatter=tuple(a[idx] for a in self.pat_scatter))
+                        approx_mean_only=self.approx_mean_only, pat_mean=tuple(a[idx] for a in self.pat_mean))
 
 
 def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeData, list[str]]:
@@ -150,10 +150,13 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
     ``error_group`` (E,) ints: each edge's approximation-parameter row
     (default: 0 for all, the method's own parameters; see :func:`make_globals`).
     ``resolution``: the smallest score SD that is not rounding (the fit uses
-    1e-6 x the typical score size: scores are float32). An approximate-only
-    pattern whose methods scatter less than that on an edge keeps the full
-    likelihood there: its sample covariance (say 1e-21 for scores that are
-    float32 noise around 0) would claim a precision no score has, and the
+    1e-6 x the typical score size: scores are float32).
+    An approximate-only pattern may enter an edge's likelihood through its
+    mean (``pat_mean``, see :func:`quadratic_terms`) where the edge has >= 2
+    exact inputs, the pattern >= q + 2 inputs for its q methods, and every
+    method scatters across them by more than ``resolution`` and by more than
+    1e-6 x its mean: a smaller sample covariance (say 1e-21 for scores that
+    are float32 noise around 0) would claim a precision no score has, and the
     evidence overflowed.
     Returns the data and the approximate method labels (in ``stats.methods``
     order, the exact method removed).
@@ -169,7 +172,7 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
     zeros = np.zeros(E)
     n_x, sx, sxx = zeros.copy(), zeros.copy(), zeros.copy()
     blk = {k: np.zeros((E, M)) for k in ("n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m")}
-    pat_n, pat_s, pat_c, pat_idx, pat_scatter = [], [], [], [], []
+    pat_n, pat_s, pat_c, pat_idx, pat_mean = [], [], [], [], []
     for p, members in enumerate(pats):
         if x is not None and members[x]:
             n_x += n[:, p]
@@ -192,13 +195,22 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
             pat_n.append(n[:, p])
             pat_s.append(sums[:, p][:, cols])
             pat_c.append(cross[:, p][:, cols][:, :, cols])
-            count = np.maximum(n[:, p], 2.0)[:, None]
-            sample_var = (np.diagonal(pat_c[-1], axis1=1, axis2=2) - pat_s[-1] ** 2 / count) / (count - 1)
-            pat_scatter.append(np.all(sample_var > resolution**2, axis=1))
+            pat_mean.append(n[:, p])  # completed below, once the exact counts are summed
+    for p, (idx, count, S, C) in enumerate(zip(pat_idx, pat_n, pat_s, pat_c)):
+        pat_mean[p] = (n_x >= 2) & (count >= len(idx) + 2) & _scatters(count, S, C, resolution)
     group = np.zeros(E, np.int32) if error_group is None else np.asarray(error_group, np.int32)
     data = EdgeData(n_x=n_x, sx=sx, sxx=sxx, **blk, pat_n=tuple(pat_n), pat_s=tuple(pat_s), pat_c=tuple(pat_c),
-                    error_group=group, pat_idx=tuple(pat_idx), n_methods=M, pat_scatter=tuple(pat_scatter))
+                    error_group=group, pat_idx=tuple(pat_idx), n_methods=M, pat_mean=tuple(pat_mean))
     return data, [methods[k] for k in approx]
+
+
+def _scatters(n, S, C, resolution):
+    """(E,) bool: every method's sample SD over the ``n`` inputs exceeds ``resolution`` and 1e-6 x its |mean|."""
+    count = np.maximum(n, 2.0)[:, None]
+    mean = S / count
+    sample_var = (np.diagonal(C, axis1=1, axis2=2) - S * mean) / (count - 1)
+    floor = np.maximum(resolution**2, 1e-12 * np.max(np.abs(mean), axis=1, keepdims=True) ** 2) + 1e-300
+    return np.all(sample_var > floor, axis=1)
 
 
 @jax.tree_util.register_dataclass
@@ -326,8 +338,8 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
     (measured on ioi-toy: intrinsic SD 3.4 for an edge whose exact scores have
     SD 1.6-2.0). With the mean alone, ``tau`` is learnt from the exact inputs
     and the approximations inform ``mu`` with their own observed precision.
-    Patterns with fewer than ``q + 2`` inputs, or a method with no scatter
-    beyond the scores' resolution (``pat_scatter``), keep the full likelihood.
+    Where :func:`edge_data` finds too few inputs or no scatter beyond the
+    scores' resolution (``pat_mean`` false), the full likelihood stays.
     """
     M = data.n_methods
     K = 1 + M
@@ -349,16 +361,16 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
             A[1 + m][1 + m] = (n[:, m] / s2[:, m])[:, None]
             b[1 + m] = (r1[:, m] / s2[:, m])[:, None]
         c = c + jnp.sum(-0.5 * n * (LOG_2PI + jnp.log(s2)) - 0.5 * r2 / s2, axis=-1)[:, None]
-        scatter = data.pat_scatter or (True,) * len(data.pat_idx)
-        for idx, pn, ps, pc, resolved in zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c, scatter):
+        mean_ok = data.pat_mean if data.approx_mean_only else ()
+        for p, (idx, pn, ps, pc) in enumerate(zip(data.pat_idx, data.pat_n, data.pat_s, data.pat_c)):
             idx = tuple(int(i) for i in idx)
-            if not data.approx_mean_only:
+            if p >= len(mean_ok):
                 c = _add_approx_only(A, b, c, v, idx, pn, ps, pc, a, be, s2)
                 continue
             A_full, b_full = [list(row) for row in A], list(b)
             c_full = _add_approx_only(A_full, b_full, c, v, idx, pn, ps, pc, a, be, s2)
-            use, c_mean = _add_approx_mean(A, b, c, idx, pn, ps, pc, a, be, data.n_x)
-            use = use & jnp.reshape(jnp.asarray(resolved), (-1, 1))
+            use = jnp.reshape(jnp.asarray(mean_ok[p]), (-1, 1))
+            c_mean = _add_approx_mean(A, b, c, idx, pn, ps, pc, a, be, use)
             for i in range(K):
                 b[i] = jnp.where(use, b[i], b_full[i])
                 for j in range(i + 1):
@@ -367,24 +379,20 @@ def quadratic_terms(data: EdgeData, var: jnp.ndarray, g: Globals):
     return A, b, c
 
 
-def _add_approx_mean(A, b, c, idx, n, S, C, alpha, beta, n_exact):
+def _add_approx_mean(A, b, c, idx, n, S, C, alpha, beta, use):
     """Inputs scored by approximate methods ``idx`` only, through their mean: ``ybar ~ N(a + H u, S_c / n)``.
 
     ``S_c`` is the sample covariance of those inputs' scores. Adds
-    ``n H' S_c^-1 H`` to ``A`` and ``n H' S_c^-1 (ybar - a)`` to ``b`` in place;
-    returns ``(use, c)``: ``use`` (E, 1) marks the edges where this applies
-    (>= 2 exact inputs, >= q + 2 of these inputs, every method with scatter);
-    elsewhere the caller keeps the full likelihood (the values here are then
-    finite placeholders).
+    ``n H' S_c^-1 H`` to ``A`` and ``n H' S_c^-1 (ybar - a)`` to ``b`` in place
+    and returns the new ``c``. ``use`` (E, 1) marks the edges where this
+    applies (``EdgeData.pat_mean``); elsewhere the caller keeps the full
+    likelihood and the values here are finite placeholders.
     """
     q = len(idx)
     nf = jnp.maximum(n, 2.0)
     ybar = S / nf[:, None]  # (E, q)
     cov = (C - S[:, :, None] * S[:, None, :] / nf[:, None, None]) / (nf - 1)[:, None, None]
-    sample_var = jnp.diagonal(cov, axis1=1, axis2=2)  # not tau^2, which `var` means elsewhere in this module
-    scatter = sample_var > 1e-12 * jnp.max(jnp.abs(ybar), -1, keepdims=True) ** 2 + 1e-300
-    use = (n_exact >= 2) & (n >= q + 2) & jnp.all(scatter, -1)
-    cov = jnp.where(use[:, None, None], cov, jnp.eye(q))  # placeholders keep the unused branch finite
+    cov = jnp.where(use[:, :, None], cov, jnp.eye(q))  # placeholders keep the unused branch finite
     cov = cov + jnp.eye(q) * 1e-12 * jnp.max(jnp.diagonal(cov, axis1=1, axis2=2), -1)[:, None, None]  # collinear methods
     chol = cholesky(cov / nf[:, None, None])  # covariance of ybar
     a = jnp.stack([alpha[:, i] for i in idx], -1)
@@ -406,7 +414,7 @@ def _add_approx_mean(A, b, c, idx, n, S, C, alpha, beta, n_exact):
             A[row][1 + idx[k]] = A[row][1 + idx[k]] + p_j[:, k][:, None]
         b[row] = b[row] + p_r[:, j][:, None]
     log_norm = -0.5 * q * LOG_2PI - log_diag_sum(chol) - 0.5 * jnp.sum(r * p_r, -1)
-    return use[:, None], c + log_norm[:, None]
+    return c + log_norm[:, None]
 
 
 def _add_approx_only(A, b, c, v, idx, n, S, C, alpha, beta, s2):
