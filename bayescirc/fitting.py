@@ -42,6 +42,7 @@ LIKELIHOODS = ("gaussian", "student-t")
 ERROR_POOLINGS = ("type", "method")
 APPROX_ONLY = ("auto", "full", "mean")
 INCLUSION_RULES = ("slab", "threshold")
+SAME_SCORE = 1e-6  # x the typical score size: inputs whose scores differ by less are copies of one another
 NUTS_MAX_EDGES = 5000  # "auto" uses NUTS up to this many edges, SVI above
 DRAWS = 1000  # default draws per chain
 LARGE_SVI_DRAWS = 500  # default total SVI draws above NUTS_MAX_EDGES: per-edge draws cost draws x edges
@@ -137,6 +138,19 @@ def _degenerate_methods(stats: SufficientStats) -> tuple[SufficientStats, list[s
         raise FitError("every score in the file is exactly 0: there is nothing to fit. Check the collection "
                        "(the clean and corrupted prompts may be identical).")
     return (_drop_methods(stats, drop) if drop else stats), notes
+
+
+def _identical_inputs(stats: SufficientStats) -> list[str]:
+    """Say so when every input gives the same scores on every edge: copies of one prompt, not a task's inputs."""
+    per = stats.per_method()
+    many = per[per["n"] >= 2]
+    if len(stats.input_ids) < 2 or not len(many):
+        return []
+    if (np.sqrt(many["var"].to_numpy()) > SAME_SCORE * _scale(stats)).any():
+        return []
+    return [f"all {len(stats.input_ids)} inputs give the same scores on every edge (to {SAME_SCORE:g} of the scores' "
+            "size): they look like copies of one prompt. The input-to-input spread tau is then 0 and every interval "
+            "as narrow as that makes it: it describes this prompt, not a task. Collect scores on distinct prompts."]
 
 
 def _scale(stats: SufficientStats) -> float:
@@ -362,7 +376,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
         stats, path = _load(scores, Path(tmp))
         notes: list[str] = []
         stats, dropped = _degenerate_methods(stats)
-        notes += dropped
+        notes += dropped + _identical_inputs(stats)
         exact_values, exact_mask, _ = _exact_matrix(path, stats)
         total_effect = _total_effect(path) if thr_frac is not None else None
     clock.lap("statistics")

@@ -271,6 +271,17 @@ def test_one_input_fits_with_a_warning():
     assert np.isfinite(res.edges[list(schema.EDGE_TABLE_COLUMNS[1:])].to_numpy()).all()
 
 
+def test_copies_of_one_input_fit_with_a_warning(tiny):
+    scores = tiny.scores.copy()
+    first = scores[scores["input_id"] == scores["input_id"].min()].set_index(["edge", "method"])["score"]
+    scores["score"] = first.reindex(pd.MultiIndex.from_frame(scores[["edge", "method"]])).to_numpy()
+    res, messages = fit_warnings(scores, **FAST)
+    assert any("look like copies of one prompt" in m for m in messages)
+    assert np.isfinite(res.edges[list(schema.EDGE_TABLE_COLUMNS[1:])].to_numpy()).all()
+    _, messages = fit_warnings(tiny.scores, **FAST)
+    assert not any("copies" in m for m in messages)
+
+
 def test_threshold_inclusion_is_a_probability_of_exceeding_the_threshold(tiny):
     res = quiet_fit(tiny.scores, inclusion="threshold", threshold=0.3, **FAST)
     mu = res.draws("mu")
