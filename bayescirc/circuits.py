@@ -23,6 +23,7 @@ posterior circuits and the most frequent distinct circuits.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,10 +35,15 @@ from . import schema
 from .errors import BayescircError
 from .graph import INPUT, LOGITS, parse_edge, parse_node
 
-__all__ = ["CircuitSamples", "EdgeIndex", "jaccard_matrix", "parse_rule", "prune_masks", "sample_circuits", "top_k_mask"]
+__all__ = ["CircuitSamples", "CircuitWarning", "EdgeIndex", "jaccard_matrix", "parse_rule", "prune_masks",
+           "sample_circuits", "top_k_mask"]
 
 RULES = ("slab", "topk:K", "threshold:D")
 _CHUNK = 256  # draws per vectorised block: bounds memory at O(_CHUNK * edges)
+
+
+class CircuitWarning(UserWarning):
+    """Edges of a fit that no circuit can hold: they lie on no input->logits path."""
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -423,6 +429,25 @@ def _select(kind: str, param, mu: np.ndarray | None, inclusion: np.ndarray | Non
     return top_k_mask(mu, param)
 
 
+def _check_paths(index: EdgeIndex, where) -> None:
+    """Refuse a fit whose edges hold no input->logits path; warn about edges that are on none.
+
+    Such fits come from scores over part of a graph (one layer's edges, say):
+    pruning would drop every edge from every circuit without a word.
+    """
+    on_path = index.prune(np.ones(len(index.edges), dtype=bool))
+    if not on_path.any():
+        raise BayescircError(f"{where}: none of its {len(index.edges)} edges lies on a path from {INPUT!r} to "
+                             f"{LOGITS!r} through its edges (e.g. {index.edges[0]!r}), so every pruned circuit would "
+                             "be empty. Circuits need scores for the whole graph; fit scores collected over all edges.")
+    if not on_path.all():
+        off = [e for e, ok in zip(index.edges, on_path) if not ok]
+        warnings.warn(f"{where}: {len(off)} of its {len(index.edges)} edges lie on no path from {INPUT!r} to "
+                      f"{LOGITS!r} through its edges and are in no circuit whatever their inclusion "
+                      f"(e.g. {off[0]!r}); were the scores collected over part of the graph?", CircuitWarning,
+                      stacklevel=3)
+
+
 def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0) -> CircuitSamples:
     """Sample circuits from a fit's posterior, each pruned to input->logits paths.
 
@@ -452,6 +477,7 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
     """
     from .posterior import FitResult, load_fit
 
+    where = os.fspath(fit) if isinstance(fit, (str, os.PathLike)) else "the fit"
     if isinstance(fit, (str, os.PathLike)):
         fit = load_fit(fit)
     if not isinstance(fit, FitResult):
@@ -478,6 +504,7 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
     if kind == "slab" and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
         raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     index = EdgeIndex.from_edges(edges)
+    _check_paths(index, where)
     indicators = np.empty((len(draws), len(edges)), dtype=bool)
     for start in range(0, len(draws), _CHUNK):
         block = values[draws[start:start + _CHUNK]]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from fitfixtures import THREE_EDGES, A, B, C, four_draw_fit, make_fit
 
-from bayescirc.circuits import EdgeIndex, jaccard_matrix, parse_rule, prune_masks, sample_circuits
+from bayescirc.circuits import CircuitWarning, EdgeIndex, jaccard_matrix, parse_rule, prune_masks, sample_circuits
 from bayescirc.errors import BayescircError
 from bayescirc.graph import Graph, prune_to_paths
 
@@ -184,3 +184,18 @@ def test_bad_inputs_are_user_errors():
         sample_circuits(make_fit(THREE_EDGES, inclusion=np.array([[1.0, 1.0, np.nan]] * 2)))
     with pytest.raises(BayescircError, match="'input->m0' appears more than once"):
         sample_circuits(make_fit((A, B, A), inclusion=np.ones((2, 3))))
+
+
+def test_a_fit_over_part_of_the_graph_is_refused_or_warned_about(tmp_path):
+    # one layer's edges alone hold no input->logits path: every circuit would be empty
+    layer = ("m0->a1.h0<q>", "m0->a1.h0<k>")
+    fit = make_fit(layer, inclusion=np.ones((4, 2)))
+    with pytest.raises(BayescircError, match=r"none of its 2 edges lies on a path from 'input' to 'logits'"):
+        sample_circuits(fit)
+    fit.save(tmp_path / "fit")
+    with pytest.raises(BayescircError, match="^" + str(tmp_path / "fit")):
+        sample_circuits(tmp_path / "fit")
+    # a dangling edge beside a path: named, and never in a circuit
+    with pytest.warns(CircuitWarning, match=r"1 of its 4 edges lie on no path .* \(e.g. 'm0->a1.h0<q>'\)"):
+        samples = sample_circuits(make_fit(THREE_EDGES + layer[:1], inclusion=np.ones((4, 4))))
+    assert samples.frequency.tolist() == [1.0, 1.0, 1.0, 0.0]
