@@ -153,14 +153,10 @@ class Engine:
     # --- hooks ---------------------------------------------------------------------------
 
     def _source_hooks(self, store: dict) -> list:
-        def record(key):
-            def hook(x, hook):
-                store[key] = x.detach()
-            return hook
-        hooks = [("hook_embed", record("embed"))]
+        hooks = [("hook_embed", _keep(store, "embed"))]
         for layer in range(self.L):
-            hooks.append((f"blocks.{layer}.attn.hook_result", record(("attn", layer))))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", record(("mlp", layer))))
+            hooks.append((f"blocks.{layer}.attn.hook_result", _keep(store, ("attn", layer))))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", _keep(store, ("mlp", layer))))
         return hooks
 
     def _stack_sources(self, store: dict) -> torch.Tensor:
@@ -192,14 +188,9 @@ class Engine:
         """
         store: dict = {}
         hooks = self._source_hooks(store)
-
-        def keep(key):
-            def hook(x, hook):
-                store[key] = x.detach()
-            return hook
         for layer in range(self.L):
-            hooks += [(f"blocks.{layer}.hook_resid_pre", keep(("pre", layer))),
-                      (f"blocks.{layer}.hook_resid_post", keep(("post", layer)))]
+            hooks += [(f"blocks.{layer}.hook_resid_pre", _keep(store, ("pre", layer))),
+                      (f"blocks.{layer}.hook_resid_post", _keep(store, ("post", layer)))]
         with torch.no_grad():
             self._forward(tokens[:1], hooks)
         tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(self.dtype, 0.1)  # relative to the residual's size
@@ -228,12 +219,8 @@ class Engine:
         clean: dict = {}
         hooks = self._source_hooks(clean)
         if resid:
-            def keep(key):
-                def hook(x, hook):
-                    clean[key] = x.detach()
-                return hook
-            hooks += [(f"blocks.{layer}.hook_resid_pre", keep(("resid", layer))) for layer in range(self.L)]
-            hooks.append((f"blocks.{self.L - 1}.hook_resid_post", keep("final")))
+            hooks += [(f"blocks.{layer}.hook_resid_pre", _keep(clean, ("resid", layer))) for layer in range(self.L)]
+            hooks.append((f"blocks.{self.L - 1}.hook_resid_post", _keep(clean, "final")))
         if grads:
             grad, logits, value = self._gradient_pass(batch, batch.clean, None, extra_hooks=hooks)
             clean_logprobs = logits.to(self.score_dtype).log_softmax(-1)
@@ -359,9 +346,7 @@ class Engine:
             try:
                 with torch.no_grad():
                     logits = self._unembed_last(self._blocks_from(0, run.resid_pre[0][:1])[:, -1])
-                    ref = self._forward(batch.clean[:1], [])
-                tol = 1e-4 if self.dtype == torch.float64 else 1e-2
-                self._direct = bool(torch.allclose(logits, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0))
+                self._direct = self._gives_clean_logits(logits, batch)
             except Exception:  # noqa: BLE001 - any failure means: use full forward passes
                 self._direct = False
         return self._direct
@@ -376,10 +361,15 @@ class Engine:
         if self._unembed is None:
             with torch.no_grad():
                 logits = self._unembed_last(run.resid_final[:1, -1])
-                ref = self._forward(batch.clean[:1], [])
-            tol = 1e-4 if self.dtype == torch.float64 else 1e-2
-            self._unembed = bool(torch.allclose(logits, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0))
+            self._unembed = self._gives_clean_logits(logits, batch)
         return self._unembed
+
+    def _gives_clean_logits(self, logits: torch.Tensor, batch: Batch) -> bool:
+        """Whether ``logits`` (of the batch's first input) match a full clean forward pass, up to rounding."""
+        with torch.no_grad():
+            ref = self._forward(batch.clean[:1], [])
+        tol = 1e-4 if self.dtype == torch.float64 else 1e-2
+        return bool(torch.allclose(logits, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0))
 
     def exact_scores(self, batch: Batch, run: Run, rows: int = 256, progress: Callable[[int], None] | None = None
                      ) -> torch.Tensor:
@@ -477,11 +467,6 @@ class Engine:
         current: dict = {}
         hooks = []
 
-        def record(key):
-            def hook(x, hook):
-                current[key] = x
-            return hook
-
         def upstream_diff(n_src):
             parts = [current["embed"].unsqueeze(2)]
             for layer in range(self.L):
@@ -502,15 +487,15 @@ class Engine:
                 return x + (update if per_head else update[:, :, 0])
             return hook
 
-        hooks.append(("hook_embed", record("embed")))
+        hooks.append(("hook_embed", _keep(current, "embed")))
         for layer in range(self.L):
             n_attn = 1 + layer * (self.H + 1)
             for x in QKV:
                 ids = [self.slot_index[(f"a{layer}.h{h}", x)] for h in range(self.H)]
                 hooks.append((f"blocks.{layer}.hook_{x}_input", receiver(ids, n_attn, True)))
-            hooks.append((f"blocks.{layer}.attn.hook_result", record(("attn", layer))))
+            hooks.append((f"blocks.{layer}.attn.hook_result", _keep(current, ("attn", layer))))
             hooks.append((f"blocks.{layer}.hook_mlp_in", receiver([self.slot_index[(f"m{layer}", None)]], n_attn + self.H, False)))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", record(("mlp", layer))))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", _keep(current, ("mlp", layer))))
         hooks.append((f"blocks.{self.L - 1}.hook_resid_post", receiver([len(self.slots) - 1], len(self.sources), False)))
         sub = batch.take(rows_b.cpu().numpy())
         with torch.no_grad():
@@ -606,6 +591,13 @@ def evaluate_circuits(model, task, circuits: Sequence[Iterable[str]], *, metric:
     )
 
 
+def _keep(store: dict, key) -> Callable:
+    """A forward hook that stores the activation it sees (detached) under ``store[key]``."""
+    def hook(x, hook):
+        store[key] = x.detach()
+    return hook
+
+
 def _circuit_chunk(engine: Engine, batch: Batch, run: Run, absent: torch.Tensor, rows: int) -> torch.Tensor:
     """``[C, B]`` metric values, at most ``rows`` (circuit x input) runs per forward pass."""
     per = max(1, rows // len(batch))
@@ -618,4 +610,3 @@ def _bar(progress: bool, total: int, unit: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, unit_scale=True, disable=not progress, dynamic_ncols=True, leave=False)
-
