@@ -667,6 +667,8 @@ def median_probability_circuit(fit, seed: int = 0) -> set[str]:
         parsable.append(edge)
     if len(parsable) < len(fit.edge_names):  # circuits need graph names: keep only those edges
         return prune_to_paths(e for e in fit.edges.loc[fit.edges["inclusion_prob"] > 0.5, "edge"] if e in set(parsable))
+    if not prune_to_paths(parsable):  # scores over part of the graph: no circuit to draw (circuits refuses it)
+        return set()
     return set(sample_circuits(fit, seed=seed).median_circuit())
 
 
