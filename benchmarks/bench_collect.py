@@ -4,7 +4,7 @@ Run from the repository root:
 
     PYTHONPATH=. python benchmarks/bench_collect.py            # tiny model + GPT-2-small shape (CPU: partial)
     PYTHONPATH=. python benchmarks/bench_collect.py --tiny-only
-    PYTHONPATH=. python benchmarks/bench_collect.py --device cuda --inputs 100   # on a GPU
+    PYTHONPATH=. python benchmarks/bench_collect.py --device cuda --big-inputs 100   # on a GPU
 
 Figures (baselines run in the same process, on the same model and inputs):
 
@@ -115,9 +115,13 @@ def bench(model, n_inputs: int, label: str, naive_edges: int | None, exact_layer
               f"-> ratio {t_eap / t_plain:.2f}x ; {B / t_eap:.1f} inputs/s")
 
         t0 = time.perf_counter()
+        run = engine.prepare(batch, grads=True)
+        _sync(device)
+        t_prepare = time.perf_counter() - t0  # EAP-IG shares the clean/corrupted runs, not EAP's contraction
+        t0 = time.perf_counter()
         engine.gradient_scores("eap-ig-inputs", batch, run, steps=ig_steps)
         _sync(device)
-        t_ig = time.perf_counter() - t0 + t_eap
+        t_ig = time.perf_counter() - t0 + t_prepare
         print(f"eap-ig-inputs ({ig_steps} steps): {B / t_ig:.1f} inputs/s")
 
         run = engine.prepare(batch, resid=True)
@@ -150,7 +154,7 @@ def bench(model, n_inputs: int, label: str, naive_edges: int | None, exact_layer
             pick = rng.choice(E, size=min(naive_edges, E), replace=False) if naive_edges < E else np.arange(E)
             edges = [graph.edges[i] for i in pick]
             if exact_layers is not None:
-                edges = [e for e in edges if (parse_edge(e).receiver_layer or L) >= L - exact_layers] or edges
+                edges = [e for e in edges if _receiver_layer(e, L) >= L - exact_layers] or edges
             naive = naive_exact_seconds(model, batch.take(np.arange(min(B, 2))), edges, run, engine.source_index)
             print(f"naive exact (one hooked forward per edge): {naive * 1e6:.1f} us per edge-input "
                   f"-> batched exact is {naive / per:.1f}x faster")
@@ -180,3 +184,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def _receiver_layer(edge: str, n_layers: int) -> int:
+    """The edge's receiver layer, the logits counting as layer ``n_layers`` (after the last block)."""
+    layer = parse_edge(edge).receiver_layer
+    return n_layers if layer is None else layer

@@ -16,6 +16,7 @@ are also timed with a small ``memory_budget`` that forces the chunked path
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -57,11 +58,14 @@ def main() -> None:
                         help="memory_budget of the chunked (larger-than-memory) run, MiB; 0 skips it [default: 128]")
     args = parser.parse_args()
 
+    from bayescirc import simulation
     from bayescirc.simulation import SimulationConfig, write_simulation
 
     n_exact = args.inputs if args.exact_inputs is None else args.exact_inputs
     config = SimulationConfig(n_layers=args.layers, n_heads=args.heads, n_inputs=args.inputs, n_exact=n_exact, seed=0)
-    path = args.dir / f"scores-L{args.layers}-H{args.heads}-N{args.inputs}-X{n_exact}.parquet"
+    # a file from other settings or older simulation code is never reused
+    tag = hashlib.sha1(repr(config).encode() + Path(simulation.__file__).read_bytes()).hexdigest()[:10]
+    path = args.dir / f"scores-L{args.layers}-H{args.heads}-N{args.inputs}-X{n_exact}-{tag}.parquet"
     if not path.exists():
         t = time.perf_counter()
         write_simulation(path, config, progress=True)

@@ -129,7 +129,8 @@ def main() -> None:
                         help="print the table from earlier runs' logs (same settings) instead of fitting")
     args = parser.parse_args()
     if args.combine:
-        print_table(ranks_from_logs(args.combine), args.draws)
+        ranks, draws = ranks_from_logs(args.combine, args.draws)
+        print_table(ranks, draws)
         return
 
     from bayescirc.fitting import fit
@@ -143,6 +144,8 @@ def main() -> None:
     # same whatever ran before it (the first draw of a process was float32, later ones float64)
     jax.config.update("jax_enable_x64", True)
 
+    settings = {"draws": args.draws, "inputs": args.inputs, "exact_inputs": args.exact_inputs,
+                "error_pooling": args.error_pooling, "approx_only": args.approx_only}  # --combine checks them
     for rep in range(args.start, args.reps):
         scores, truth, edges = prior_draw(1000 + rep, args.inputs, args.exact_inputs, scale,
                                           by_type=args.error_pooling == "type")
@@ -157,28 +160,46 @@ def main() -> None:
             ties = np.sum(draws == value)
             ranks.setdefault(name, []).append(int(below + np.random.default_rng(rep).integers(0, ties + 1)))
         jax.clear_caches()  # every fit leaves compiled programs mapped; ~50 fits in one process exhaust vm.max_map_count
-        print(f"rep {rep + 1}: {time.time() - started:.0f} s; ranks {({k: v[-1] for k, v in ranks.items()})}", flush=True)
+        print(f"rep {rep + 1}: {time.time() - started:.0f} s; settings {settings}; "
+              f"ranks {({k: v[-1] for k, v in ranks.items()})}", flush=True)
         if args.minutes and time.time() - started > 60 * args.minutes:
             break
     print_table(ranks, args.draws)
 
 
-def ranks_from_logs(paths: list[str]) -> dict[str, list[int]]:
-    """Ranks per parameter from the ``rep N: ... ranks {...}`` lines of earlier runs' logs."""
+def ranks_from_logs(paths: list[str], draws: int) -> tuple[dict[str, list[int]], int]:
+    """Ranks per parameter and draws per fit from the ``rep N: ... ranks {...}`` lines of earlier runs' logs.
+
+    Lines that record their settings must all agree (the table mixes no runs of different settings);
+    lines from logs that predate the settings are taken at ``draws``, and refused if a rank exceeds it.
+    """
     by_rep: dict[int, dict[str, int]] = {}
+    seen: dict[str, str] = {}
     for path in paths:
         with open(path) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 m = re.match(r"rep (\d+): .*?; ranks (\{.*\})\s*$", line)
-                if m:
-                    by_rep[int(m.group(1))] = ast.literal_eval(m.group(2))
+                if not m:
+                    continue
+                by_rep[int(m.group(1))] = ast.literal_eval(m.group(2))
+                found = re.search(r"; settings (\{.*?\});", line)
+                if found:
+                    seen.setdefault(found.group(1), f"{path}:{number}")
     if not by_rep:
         raise SystemExit(f"no 'rep N: ... ranks {{...}}' lines in {', '.join(paths)}")
+    if len(seen) > 1:
+        raise SystemExit("the logs were run with different settings: "
+                         + "; ".join(f"{where}: {text}" for text, where in seen.items()))
+    if seen:
+        draws = int(ast.literal_eval(next(iter(seen)))["draws"])
     ranks: dict[str, list[int]] = {}
     for rep in sorted(by_rep):
         for name, r in by_rep[rep].items():
             ranks.setdefault(name, []).append(int(r))
-    return ranks
+    top = max(max(r) for r in ranks.values())
+    if top > draws:
+        raise SystemExit(f"a rank of {top} exceeds --draws {draws}: give the draws those runs used.")
+    return ranks, draws
 
 
 def print_table(ranks: dict[str, list[int]], draws: int) -> None:
@@ -189,10 +210,13 @@ def print_table(ranks: dict[str, list[int]], draws: int) -> None:
     print(f"\nSBC: {n} replications, {draws} draws each, ranks in 0..{draws}")
     print("| parameter | chi-square p (5 bins) | KS p | rank counts per bin |")
     print("|---|---|---|---|")
+    # bins of equal width over the draws + 1 rank values; unless bins divides draws + 1 they hold
+    # different numbers of values, and the expected counts follow
+    values_per_bin = np.histogram(np.arange(draws + 1), bins=bins, range=(0, draws + 1))[0]
     for name, r in ranks.items():
         r = np.asarray(r)
         counts = np.histogram(r, bins=bins, range=(0, draws + 1))[0]
-        chi = stats.chisquare(counts).pvalue
+        chi = stats.chisquare(counts, f_exp=n * values_per_bin / (draws + 1)).pvalue
         ks = stats.kstest((r + np.random.default_rng(0).uniform(size=n)) / (draws + 1), "uniform").pvalue
         print(f"| {name} | {chi:.3f} | {ks:.3f} | {', '.join(str(c) for c in counts)} |")
 
