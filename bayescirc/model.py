@@ -153,11 +153,11 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
     1e-6 x the typical score size: scores are float32).
     An approximate-only pattern may enter an edge's likelihood through its
     mean (``pat_mean``, see :func:`quadratic_terms`) where the edge has >= 2
-    exact inputs, the pattern >= q + 2 inputs for its q methods, and every
-    method scatters across them by more than ``resolution`` and by more than
-    1e-6 x its mean: a smaller sample covariance (say 1e-21 for scores that
-    are float32 noise around 0) would claim a precision no score has, and the
-    evidence overflowed.
+    exact inputs, the pattern >= q + 2 inputs for its q methods, and the
+    methods' scores scatter across them, in every direction (:func:`_scatters`),
+    by more than ``resolution`` and by more than 1e-6 x their mean: a smaller
+    sample covariance (say 1e-21 for scores that are float32 noise around 0)
+    would claim a precision no score has, and the evidence overflowed.
     Returns the data and the approximate method labels (in ``stats.methods``
     order, the exact method removed).
     """
@@ -205,12 +205,22 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
 
 
 def _scatters(n, S, C, resolution):
-    """(E,) bool: every method's sample SD over the ``n`` inputs exceeds ``resolution`` and 1e-6 x its |mean|."""
-    count = np.maximum(n, 2.0)[:, None]
-    mean = S / count
-    sample_var = (np.diagonal(C, axis1=1, axis2=2) - S * mean) / (count - 1)
-    floor = np.maximum(resolution**2, 1e-12 * np.max(np.abs(mean), axis=1, keepdims=True) ** 2) + 1e-300
-    return np.all(sample_var > floor, axis=1)
+    """(E,) bool: the methods' scores over the ``n`` inputs scatter in every direction.
+
+    Every eigenvalue of their sample covariance must exceed ``resolution``^2
+    and (1e-6 x the largest |mean|)^2: not only each method's own spread but
+    also that of their differences. Two methods that are one another up to
+    rounding on an edge (EAP and EAP-IG on the query of a saturated head:
+    correlation 0.99999999) leave a direction of variance 1e-19, which the
+    mean likelihood would read as a precision of 1e19; the fit's first step
+    gave NaN.
+    """
+    count = np.maximum(n, 2.0)
+    mean = S / count[:, None]
+    cov = (C - S[:, :, None] * mean[:, None, :]) / (count - 1)[:, None, None]
+    lowest = np.linalg.eigvalsh((cov + np.swapaxes(cov, 1, 2)) / 2)[:, 0]
+    floor = np.maximum(resolution**2, 1e-12 * np.max(np.abs(mean), axis=1) ** 2) + 1e-300
+    return lowest > floor
 
 
 @jax.tree_util.register_dataclass

@@ -153,6 +153,25 @@ def test_approximate_only_inputs_enter_through_their_mean_when_asked(tmp_path, r
             assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
+def test_methods_equal_up_to_rounding_keep_the_full_likelihood(tmp_path, rng):
+    """Two methods whose scores are one another up to rounding on an edge scatter in one direction only.
+
+    Their sample covariance is then singular (an eigenvalue of 1e-19 on a real collect), which the mean
+    likelihood would read as a precision of 1e19: the edge keeps the full likelihood, as for no scatter.
+    Edges whose methods scatter independently still take the mean.
+    """
+    table = per_input_table(rng, n_inputs=12, n_exact=4)
+    copy = (table.edge == "x1") & (table.method == "ig")
+    eap = table.loc[(table.edge == "x1") & (table.method == "eap"), "score"].to_numpy()
+    table.loc[copy, "score"] = 0.13 * eap * (1 + 1e-9 * rng.normal(size=len(eap)))
+    data, _ = edge_data(stats_of(table, tmp_path), resolution=1e-6)
+    assert data.pat_idx == ((0, 1),)
+    assert data.pat_mean[0].tolist() == [True, False, True]
+    one_method = per_input_table(rng, n_inputs=12, n_exact=4, methods=("eap",))
+    data, _ = edge_data(stats_of(one_method, tmp_path), resolution=1e-6)
+    assert data.pat_mean[0].tolist() == [True, True, True]
+
+
 def test_exact_only_evidence_matches_numerical_integration_over_mu(rng):
     x = rng.normal(0.7, 0.5, size=9)
     A = jnp.asarray([[[len(x) / 0.25]]])
