@@ -35,7 +35,7 @@ from . import schema
 from .errors import BayescircError
 from .graph import INPUT, LOGITS, parse_edge, parse_node
 
-__all__ = ["CircuitSamples", "CircuitWarning", "EdgeIndex", "jaccard_matrix", "parse_rule", "prune_masks",
+__all__ = ["CircuitSamples", "CircuitWarning", "EdgeIndex", "check_paths", "jaccard_matrix", "parse_rule", "prune_masks",
            "sample_circuits", "top_k_mask"]
 
 RULES = ("slab", "topk:K", "threshold:D")
@@ -429,18 +429,23 @@ def _select(kind: str, param, mu: np.ndarray | None, inclusion: np.ndarray | Non
     return top_k_mask(mu, param)
 
 
-def _check_paths(index: EdgeIndex, where) -> None:
-    """Refuse a fit whose edges hold no input->logits path; warn about edges that are on none.
+def check_paths(index: EdgeIndex, where, refuse: bool = True) -> None:
+    """Refuse (or with ``refuse=False`` warn about) edges that hold no input->logits path; warn about edges on none.
 
-    Such fits come from scores over part of a graph (one layer's edges, say):
+    Such edges come from scores over part of a graph (one layer's edges, say):
     pruning would drop every edge from every circuit without a word.
     """
+    if not index.edges:
+        raise BayescircError(f"{where}: no edges, so no circuit.")
     on_path = index.prune(np.ones(len(index.edges), dtype=bool))
     if not on_path.any():
-        raise BayescircError(f"{where}: none of its {len(index.edges)} edges lies on a path from {INPUT!r} to "
-                             f"{LOGITS!r} through its edges (e.g. {index.edges[0]!r}), so every pruned circuit would "
-                             "be empty. Circuits need scores for the whole graph; fit scores collected over all edges.")
-    if not on_path.all():
+        message = (f"{where}: none of its {len(index.edges)} edges lies on a path from {INPUT!r} to {LOGITS!r} "
+                   f"through its edges (e.g. {index.edges[0]!r}), so every pruned circuit is empty. Circuits need "
+                   "scores for the whole graph; use scores collected over all edges.")
+        if refuse:
+            raise BayescircError(message)
+        warnings.warn(message, CircuitWarning, stacklevel=3)
+    elif not on_path.all():
         off = [e for e, ok in zip(index.edges, on_path) if not ok]
         warnings.warn(f"{where}: {len(off)} of its {len(index.edges)} edges lie on no path from {INPUT!r} to "
                       f"{LOGITS!r} through its edges and are in no circuit whatever their inclusion "
@@ -504,7 +509,7 @@ def sample_circuits(fit, n: int | None = None, rule: str = "slab", seed: int = 0
     if kind == "slab" and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
         raise BayescircError("the posterior's 'inclusion' has values outside [0, 1]; it must hold probabilities.")
     index = EdgeIndex.from_edges(edges)
-    _check_paths(index, where)
+    check_paths(index, where)
     indicators = np.empty((len(draws), len(edges)), dtype=bool)
     for start in range(0, len(draws), _CHUNK):
         block = values[draws[start:start + _CHUNK]]

@@ -74,7 +74,7 @@ import pandas as pd
 
 from . import schema
 from ._io import atomic_dir, strict_json
-from .circuits import EdgeIndex, _pairwise, jaccard_matrix, top_k_mask
+from .circuits import EdgeIndex, _pairwise, check_paths, jaccard_matrix, top_k_mask
 from .errors import BayescircError
 
 __all__ = ["StabilityResult", "stability", "bootstrap_counts", "selection_stability", "exact_variability",
@@ -522,6 +522,8 @@ def stability(scores, *, bootstrap: int = 100, k: int | Iterable[int] | None = N
         frame = frame[frame[schema.METHOD].isin(labels)]  # resample these methods' inputs, over their edges
     edges = sorted(str(e) for e in frame[schema.EDGE].unique())
     index = EdgeIndex.from_edges(edges)
+    # rank correlations and exact variability still hold; circuits would be empty without a word
+    check_paths(index, os.fspath(scores) if isinstance(scores, (str, os.PathLike)) else "the scores", refuse=False)
     inputs = np.sort(frame[schema.INPUT_ID].unique())
     counts = bootstrap_counts(len(inputs), bootstrap, seed)
     ks = _ks(k, len(edges))

@@ -160,6 +160,13 @@ def bench(model, n_inputs: int, label: str, naive_edges: int | None, exact_layer
                   f"-> batched exact is {naive / per:.1f}x faster")
 
 
+
+def _receiver_layer(edge: str, n_layers: int) -> int:
+    """The edge's receiver layer, the logits counting as layer ``n_layers`` (after the last block)."""
+    layer = parse_edge(edge).receiver_layer
+    return n_layers if layer is None else layer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -184,9 +191,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def _receiver_layer(edge: str, n_layers: int) -> int:
-    """The edge's receiver layer, the logits counting as layer ``n_layers`` (after the last block)."""
-    layer = parse_edge(edge).receiver_layer
-    return n_layers if layer is None else layer

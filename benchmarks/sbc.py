@@ -144,7 +144,7 @@ def main() -> None:
     # same whatever ran before it (the first draw of a process was float32, later ones float64)
     jax.config.update("jax_enable_x64", True)
 
-    settings = {"draws": args.draws, "inputs": args.inputs, "exact_inputs": args.exact_inputs,
+    settings = {"draws": args.draws, "thin": args.thin, "inputs": args.inputs, "exact_inputs": args.exact_inputs,
                 "error_pooling": args.error_pooling, "approx_only": args.approx_only}  # --combine checks them
     for rep in range(args.start, args.reps):
         scores, truth, edges = prior_draw(1000 + rep, args.inputs, args.exact_inputs, scale,

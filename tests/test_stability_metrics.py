@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from fitfixtures import A, B, C, make_fit
 
-from bayescirc.circuits import EdgeIndex
+from bayescirc.circuits import CircuitWarning, EdgeIndex
 from bayescirc.errors import BayescircError
 from bayescirc.graph import prune_to_paths
 from bayescirc.stability_metrics import (
@@ -189,6 +189,14 @@ def test_an_empty_selection_is_flagged_on_screen():
     dangling = np.array([[3.0, 0.1, 0.2], [2.5, 0.2, 0.1]])  # top-1 is input->m0, which reaches no logits
     text = stability(scores_table({"exact": dangling}), bootstrap=5, k=[1], progress=False).to_text()
     assert "(empty)" in text and "J = 1 only says every resample chose nothing" in text  # top-1 keeps no path
+
+
+def test_scores_over_part_of_the_graph_are_warned_about():
+    one_layer = pd.DataFrame({"input_id": [0, 0, 1, 1], "edge": ["m0->a1.h0<q>", "m0->a1.h0<k>"] * 2,
+                              "method": "exact", "score": [1.0, 2.0, 1.5, 2.5]})
+    with pytest.warns(CircuitWarning, match="none of its 2 edges lies on a path"):
+        result = stability(one_layer, bootstrap=3, k=[1], progress=False)
+    assert "(empty)" in result.to_text()
 
 
 # --- the Bayesian side ------------------------------------------------------------------------------------
