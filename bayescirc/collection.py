@@ -100,6 +100,11 @@ def _answer_id(model, where: str, column: str, text, token_id, prompt: str) -> i
         raise TaskError(f"{where}: {column} {text!r} is {len(ids)} tokens {_tokens_str(tokenizer, ids)}, "
                         f"not one. The metric compares single next tokens after the prompt {prompt!r}; choose a "
                         "one-token answer (with GPT-2 tokenizers usually with its leading space, e.g. ' Mary').")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and str(text).strip() != str(tokenizer.unk_token):
+        raise TaskError(f"{where}: {column} {text!r} is not in the model's vocabulary: it tokenises to the unknown "
+                        f"token {tokenizer.unk_token!r}, which every such word shares. Is the task meant for another "
+                        "model? Choose an answer the model's tokenizer knows.")
     return int(ids[0])
 
 

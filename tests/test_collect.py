@@ -409,6 +409,7 @@ def test_eapig_csv_layout_scores_like_named_answers(model64, task, tmp_path):
     ({"corrupted": "Mary and John ran home , Mary said hello"}, r"row 1: clean and corrupted .*11 vs 10.*\['<\|endoftext\|>', 'Mary'"),
     ({"answer": "Mary John"}, r"row 1: answer 'Mary John' is 2 tokens \['Mary', 'John'\]"),
     ({"distractor": "Mary John"}, r"row 1: distractor"),
+    ({"answer": "Zebra"}, r"row 1: answer 'Zebra' is not in the model's vocabulary: .* unknown token '<unk>'"),
 ])
 def test_bad_rows_are_named_and_nothing_is_written(model64, task, tmp_path, change, message):
     bad = task.copy()
