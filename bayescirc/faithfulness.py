@@ -125,7 +125,25 @@ def held_out_inputs(held_out, n_task: int, n_fit: int | None, fitted: Sequence[i
 
 
 class FaithfulnessWarning(UserWarning):
-    """Faithfulness that is in-sample or rests on a near-zero denominator."""
+    """Faithfulness that is in-sample, rests on a near-zero denominator, or uses another model or task than the fit."""
+
+
+def _check_provenance(fit, model, task) -> None:
+    """Warn when ``model`` or ``task`` (given as paths) is not the one the fit's scores were collected with.
+
+    Compared by name (a model directory or task file may have moved since), from
+    the scores' metadata; a loaded model, a task table or a fit without that
+    record is not checked. Circuits from one model's scores mean little on another.
+    """
+    recorded = fit.metadata.get("scores_metadata") or {}
+    for what, given in (("model", model), ("task", task)):
+        before = recorded.get(what)
+        if not isinstance(given, (str, os.PathLike)) or not isinstance(before, str) or before == "DataFrame":
+            continue
+        if Path(os.fspath(given)).resolve().name != Path(before).resolve().name:
+            warnings.warn(f"the fit's scores were collected with {what} {before!r}, but this evaluation uses "
+                          f"{os.fspath(given)!r}: the circuits describe the first; check --{what}.",
+                          FaithfulnessWarning, stacklevel=3)
 
 
 @dataclass
@@ -248,6 +266,7 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
     except ValueError as exc:
         raise BayescircError(str(exc)) from None
     table = read_task(task)
+    _check_provenance(fit, model, task)
     n_fit = fit.summary.get("n_inputs") or fit.metadata.get("n_inputs")
     inputs = held_out_inputs(held_out, len(table), n_fit, fit.summary.get("input_ids"))
     samples = sample_circuits(fit, n=n_circuits, rule=rule, seed=seed)

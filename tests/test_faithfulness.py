@@ -94,6 +94,20 @@ def test_evaluate_batches_distinct_circuits_and_reports_the_posterior(monkeypatc
     assert "median-probability circuit (1 edges): 0.500" in result.to_text()
 
 
+def test_a_model_other_than_the_fits_is_warned_about(monkeypatch, task, tmp_path):
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching([]))
+    fit = four_draw_fit()
+    fit.metadata["scores_metadata"] = {"model": "/data/models/induction", "task": "/data/models/induction/task.jsonl"}
+    with pytest.warns(FaithfulnessWarning, match="collected with model '/data/models/induction', but this evaluation "
+                                                  "uses 'models/ioi-toy'"):
+        evaluate(fit, "models/ioi-toy", task, n_circuits=2, held_out=None, progress=False)
+    evaluate(fit, tmp_path / "induction", task, n_circuits=2, held_out=None, progress=False)  # moved: no warning
+    task_file = tmp_path / "other.jsonl"
+    task.to_json(task_file, orient="records", lines=True)
+    with pytest.warns(FaithfulnessWarning, match="collected with task '/data/models/induction/task.jsonl'"):
+        evaluate(fit, tmp_path / "induction", task_file, n_circuits=2, held_out=None, progress=False)
+
+
 def test_the_median_circuit_is_the_whole_posteriors_and_bad_settings_fail_before_any_run(monkeypatch, task):
     calls = []
     monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching(calls))
