@@ -212,10 +212,11 @@ def _diagnostics_section(fit: FitResult) -> str:
     checks = diagnostic_checks(fit.summary)
     rows = [[c.name, c.value, c.rule, _status(c), c.note] for c in checks]
     n_warn = sum(c.status == "warn" for c in checks)
-    verdict = ('<p class="pass">All diagnostics pass.</p>' if n_warn == 0 else
-               f'<p class="warn">{n_warn} diagnostic(s) warn: read the posterior with care '
-               "(run more draws or chains, or check the model).</p>")
     warnings = (fit.summary.get("diagnostics") or {}).get("warnings") or []
+    also = f" The fit gave {len(warnings)} warning(s), below." if warnings else ""
+    verdict = (f'<p class="pass">All diagnostics pass.{also}</p>' if n_warn == 0 else
+               f'<p class="warn">{n_warn} diagnostic(s) warn: read the posterior with care '
+               f"(run more draws or chains, or check the model).{also}</p>")
     warn_html = ("<h3>Warnings from the fit</h3><ul>" + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul>"
                  if warnings else "")
     figures = []

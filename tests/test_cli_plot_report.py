@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 from fit_fixture import make_fit, make_simulation
@@ -71,8 +73,11 @@ def test_report_command_writes_html_and_says_how_diagnostics_went(run_dir, tmp_p
     result = _invoke("report", run_dir / "fit", "--out", out, "--scores", run_dir / "scores.parquet")
     assert result.exit_code == 0, result.output
     assert "diagnostics pass" in result.output
+    n_warnings = len(json.loads((run_dir / "fit" / "summary.json").read_text())["diagnostics"]["warnings"])
+    assert (f"{n_warnings} fit warning(s): see the report" in result.output) == (n_warnings > 0)
     page = out.read_text()
     assert page.count("<img ") == 8 and "id='ppc'" in page
+    assert (f"The fit gave {n_warnings} warning(s), below." in page) == (n_warnings > 0)
 
 
 def test_help_teaches_the_options():

@@ -32,4 +32,7 @@ def command(fit_dir, out, scores, stability, top):
     fit = load_fit(fit_dir)
     path = report(fit, out, scores=scores, stability=stability, top=top)
     warns = [c.name for c in diagnostic_checks(fit.summary) if c.status == "warn"]
-    click.echo(f"wrote {path}" + (f" (diagnostics warn: {', '.join(warns)})" if warns else " (diagnostics pass)"))
+    n_fit = len((fit.summary.get("diagnostics") or {}).get("warnings") or [])
+    also = f", {n_fit} fit warning(s): see the report" if n_fit else ""
+    click.echo(f"wrote {path}" + (f" (diagnostics warn: {', '.join(warns)}{also})" if warns else
+                                  f" (diagnostics pass{also})"))
