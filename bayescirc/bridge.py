@@ -137,6 +137,11 @@ def _is_loaded_model(model: Any) -> bool:
     return hasattr(model, "run_with_hooks") and hasattr(model, "cfg")
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local directory rather than a hub name (``gpt2``, ``org/model``)."""
+    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+
+
 def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progress: bool = True) -> Any:
     """Return a TransformerLens model for ``model`` (path, hub name or loaded model).
 
@@ -166,7 +171,7 @@ def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progr
             raise ModelError(f"{local}: not a Hugging Face model directory (no config.json). "
                              "Point --model at a directory saved with save_pretrained, or at a hub name.")
         name = str(local)
-    elif name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+    elif looks_like_path(name):
         raise ModelError(f"{name}: no such model directory.{_similar_directories(local)}")
     try:
         with _hf_progress(progress):

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import schema
-from .errors import BayescircError
+from .bridge import looks_like_path
+from .errors import BayescircError, ModelError
 
 __all__ = ["demo", "DemoResult", "DEMO_METHODS"]
 
@@ -53,6 +54,8 @@ def _task_for(model, task) -> Path | str:
         return task
     if isinstance(model, str | os.PathLike) and (Path(model) / "task.jsonl").exists():
         return Path(model) / "task.jsonl"
+    if isinstance(model, str | os.PathLike) and not Path(model).expanduser().exists() and looks_like_path(str(model)):
+        raise ModelError(f"{model}: no such model directory.")
     raise BayescircError(f"model {model!r} has no task.jsonl beside it: pass task= (a task file, e.g. from `bayescirc task`).")
 
 
