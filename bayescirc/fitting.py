@@ -346,7 +346,9 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
     if not 0 < hdi_prob < 1:
         raise FitError(f"hdi_prob={hdi_prob} must lie strictly between 0 and 1 (e.g. 0.9).")
     if chains < 1 or (draws is not None and draws < 1) or (warmup is not None and warmup < 0):
-        raise FitError(f"chains ({chains}) and draws ({draws}) must be >= 1 and warmup ({warmup}) >= 0.")
+        given = ", ".join(f"{k}={v}" for k, v in (("chains", chains), ("draws", draws), ("warmup", warmup))
+                          if v is not None)
+        raise FitError(f"chains and draws must be >= 1 and warmup >= 0 (got {given}).")
     if draws is not None and chains * draws < 2:
         raise FitError(f"{chains} chain x {draws} draw is a single posterior draw: intervals need at least 2 "
                        "(the defaults draw hundreds).")

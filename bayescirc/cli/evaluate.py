@@ -70,4 +70,4 @@ def command(fit_dir, model, task, n_circuits, rule, held_out, metric, interval_p
     click.echo(result.to_text())
     if out:
         result.save(out)
-        click.echo(f"wrote {out}/")
+        click.echo(f"wrote {str(out).rstrip('/')}/")

@@ -90,4 +90,4 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         click.echo(result.to_text())
     if out:
         result.save(Path(out))
-        click.echo(f"\nwrote {out}/", err=as_json)
+        click.echo(f"\nwrote {str(out).rstrip('/')}/", err=as_json)
