@@ -61,7 +61,7 @@ def _task_for(model, task) -> Path | str:
 
 def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, exact_inputs: int = 50, *,
          task=None, methods=DEMO_METHODS, chains: int = 2, draws: int = 300, ig_steps: int = 5, seed: int = 0,
-         device: str = "auto", progress: bool = True, echo=print) -> DemoResult:
+         device: str = "auto", inference: str = "auto", progress: bool = True, echo=print) -> DemoResult:
     """Run collect -> fit -> circuits -> report and say where the report and the circuit are.
 
     Parameters
@@ -78,7 +78,10 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
         Default: the model directory's ``task.jsonl``.
     methods : sequence of str, default ("exact", "eap", "eap-ig-inputs")
     chains, draws : int, default 2, 300
-        NUTS settings of the fit.
+        Settings of the fit (SVI draws ``chains * draws`` samples).
+    inference : {"auto", "nuts", "svi"}, default "auto"
+        The fit's inference: ``auto`` is NUTS up to 5,000 edges. On a few dozen
+        inputs NUTS can stall at its maximum tree depth; ``svi`` then.
     ig_steps : int, default 5
     seed : int, default 0
     device : str, default "auto"
@@ -113,14 +116,17 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
 
     start = stage(f"collect: {', '.join(methods)} scores of every edge of {name} on {n_inputs} inputs "
                   f"(exact on {exact_inputs})", 1)
-    collect(model, task, methods=tuple(methods), out=paths["scores"], exact_inputs=exact_inputs, n_inputs=n_inputs,
-            ig_steps=ig_steps, seed=seed, device=device, progress=progress)
+    scores = collect(model, task, methods=tuple(methods), out=paths["scores"], exact_inputs=exact_inputs,
+                     n_inputs=n_inputs, ig_steps=ig_steps, seed=seed, device=device, progress=progress)
     timings["collect"] = time.perf_counter() - start
 
-    from .fitting import fit
+    from .fitting import NUTS_MAX_EDGES, fit
 
-    start = stage(f"fit: hierarchical model, NUTS {chains} chains x {draws} draws", 2)
-    result = fit(paths["scores"], out=paths["fit"], chains=chains, draws=draws, seed=seed, progress=progress)
+    if inference == "auto":  # what fit will choose, for the banner
+        inference = "nuts" if scores[schema.EDGE].nunique() <= NUTS_MAX_EDGES else "svi"
+    start = stage(f"fit: hierarchical model, {inference.upper()} {chains} chains x {draws} draws", 2)
+    result = fit(paths["scores"], out=paths["fit"], inference=inference, chains=chains, draws=draws, seed=seed,
+                 progress=progress)
     timings["fit"] = time.perf_counter() - start
 
     from .circuits import sample_circuits

@@ -34,8 +34,8 @@ def test_a_missing_model_directory_is_named_as_such(tmp_path):
 
 def test_demo_help_teaches_the_equivalent_commands():
     text = CliRunner().invoke(cli, ["demo", "--help"]).output
-    for word in ("--n-inputs", "--exact-inputs", "--draws", "bayescirc collect", "bayescirc fit", "bayescirc report",
-                 "ioi-toy"):
+    for word in ("--n-inputs", "--exact-inputs", "--draws", "--inference", "bayescirc collect", "bayescirc fit",
+                 "bayescirc report", "ioi-toy"):
         assert word in text
 
 
@@ -68,6 +68,7 @@ def test_demo_command_runs_the_pipeline_and_says_where_things_are(tmp_path):
     assert f"circuit: {(out / 'circuit.json').resolve()}" in proc.stdout
     for stage in ("[1/4] collect", "[2/4] fit", "[3/4] circuits", "[4/4] report"):
         assert stage in proc.stdout
+    assert "[2/4] fit: hierarchical model, NUTS 2 chains x 300 draws" in proc.stdout  # what auto chose for 110 edges
     data = json.loads((out / "circuit.json").read_text())
     assert data["cfg"] == {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 128}  # ioi-toy's
     circuit = {e for e, v in data["edges"].items() if v["in_graph"]}

@@ -16,12 +16,15 @@ import click
               help="Inputs scored by the approximate methods (EAP, EAP-IG).")
 @click.option("--exact-inputs", type=int, default=50, show_default=True,
               help="Of those, the first K also scored by exact activation patching (one patched run per edge and input).")
-@click.option("--draws", type=int, default=300, show_default=True, help="NUTS draws per chain in the fit.")
-@click.option("--chains", type=int, default=2, show_default=True, help="NUTS chains.")
+@click.option("--draws", type=int, default=300, show_default=True, help="Draws per chain in the fit.")
+@click.option("--chains", type=int, default=2, show_default=True, help="Chains of the fit (SVI: chains x draws samples).")
+@click.option("--inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
+              help="The fit's inference (bayescirc fit --inference): auto is NUTS up to 5,000 edges; on a few dozen "
+                   "inputs NUTS can stall at its maximum tree depth, use svi then.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @click.option("--device", default="auto", show_default=True, help="Torch device for collection: auto, cpu, cuda.")
 @click.option("--no-progress", "--quiet", "-q", "no_progress", is_flag=True, help="Hide the progress bars.")
-def command(out, model, task, n_inputs, exact_inputs, draws, chains, seed, device, no_progress):
+def command(out, model, task, n_inputs, exact_inputs, draws, chains, inference, seed, device, no_progress):
     """Run collect -> fit -> circuits -> report on the shipped IOI model and say where
     the report and the circuit are.
 
@@ -39,4 +42,4 @@ def command(out, model, task, n_inputs, exact_inputs, draws, chains, seed, devic
     from ..pipeline import demo
 
     demo(out, model=model, task=task, n_inputs=n_inputs, exact_inputs=exact_inputs, chains=chains, draws=draws,
-         seed=seed, device=device, progress=not no_progress, echo=click.echo)
+         inference=inference, seed=seed, device=device, progress=not no_progress, echo=click.echo)
