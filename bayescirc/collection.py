@@ -322,7 +322,8 @@ def collect(model, task, methods=DEFAULT_METHODS, *, out=None, metric: str = "lo
         "methods": {label: params for label, (_, params) in labels.items()},
         "n_inputs": int(n_total),
         "seed": seed,
-        "extra": {"collect": {"exact_inputs": exact_inputs, "shard": list(shard) if shard else None,
+        "extra": {"collect": {"exact_inputs": exact_inputs if exact_inputs is None else min(exact_inputs, n_total),
+                              "shard": list(shard) if shard else None,
                               "ig_steps": ig_steps, "input_ids": [int(ids[0]), int(ids[-1]) + 1] if len(ids) else [],
                               "dtype": str(run_dtype).replace("torch.", "")}},
     }

@@ -276,9 +276,10 @@ def test_shards_and_resume_give_the_single_run_table(model64, task, tmp_path):
 def test_file_metadata_records_the_run(model64, task, tmp_path):
     out = tmp_path / "s.parquet"
     collect(model64, task.iloc[:2], methods="exact,eap-ig-inputs", ig_steps=7, metric="prob-diff", seed=3, out=out,
-            progress=False)
+            exact_inputs=10, progress=False)
     meta = read_metadata(out)
     assert meta["metric"] == "prob-diff" and meta["seed"] == 3 and meta["n_inputs"] == 2
+    assert meta["extra"]["collect"]["exact_inputs"] == 2  # of 10 asked for, the 2 there are
     assert meta["methods"] == {"exact": {}, "eap-ig-inputs:steps=7": {"steps": 7}}
     assert meta["sign_convention"] == schema.SIGN_CONVENTION and "package_version" in meta
     graph = model_graph(model64)  # enough to rebuild the graph for EAP-IG/MIB export
