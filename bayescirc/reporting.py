@@ -221,8 +221,12 @@ def _diagnostics_section(fit: FitResult) -> str:
                  if warnings else "")
     figures = []
     kinds = plots._available(fit, None)
-    for kind, caption in (("trace", "Trace of the global parameters (chains overlaid)."),
-                          ("rank", "Rank plots: near-uniform histograms mean the chains agree."),
+    svi = fit.summary.get("inference") == "svi"
+    for kind, caption in (("trace", "Trace of the global parameters (chains overlaid)." if not svi else
+                           "Draws of the global parameters from the SVI guide (independent; one chain)."),
+                          ("rank", "Rank plots: near-uniform histograms mean the chains agree." if not svi else
+                           "Rank plots of the SVI guide's draws (one chain of independent draws: near-uniform by "
+                           "construction; they check nothing here)."),
                           ("energy", "NUTS energy: marginal and transition energy should overlap; divergences in red."),
                           ("loss", "SVI loss by step: it should flatten out.")):
         if kind in kinds:

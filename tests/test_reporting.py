@@ -83,6 +83,7 @@ def test_report_from_a_fit_directory_and_a_stability_file(tmp_path, sim):
     assert "SVI loss" in page or "svi" in page.lower()
     assert page.count("<img ") == 6  # trace, rank, loss, decomposition, forest, circuit
     assert "id='ppc'" not in page
+    assert "they check nothing here" in page and "mean the chains agree" not in page  # SVI draws are independent
 
 
 def test_bad_stability_file_is_a_user_error_and_writes_nothing(tmp_path, sim):
