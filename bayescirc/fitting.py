@@ -140,6 +140,13 @@ def _degenerate_methods(stats: SufficientStats) -> tuple[SufficientStats, list[s
     return (_drop_methods(stats, drop) if drop else stats), notes
 
 
+def chosen_inference(inference: str, n_edges: int) -> str:
+    """The inference ``fit`` runs: ``auto`` is NUTS up to :data:`NUTS_MAX_EDGES` edges, SVI above."""
+    if inference != "auto":
+        return inference
+    return "nuts" if n_edges <= NUTS_MAX_EDGES else "svi"
+
+
 def _identical_inputs(stats: SufficientStats) -> list[str]:
     """Say so when every input gives the same scores on every edge: copies of one prompt, not a task's inputs."""
     per = stats.per_method()
@@ -392,8 +399,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
                      "exactly (collect --exact-inputs) to calibrate the approximations.")
     if likelihood == "student-t" and not has_exact:
         raise FitError("likelihood='student-t' models outlying exact scores and needs exact scores; this file has none.")
-    if inference == "auto":
-        inference = "nuts" if E <= NUTS_MAX_EDGES else "svi"
+    inference = chosen_inference(inference, E)
     if inference == "nuts":
         cpu_devices_for_chains(chains)
     if draws is None:

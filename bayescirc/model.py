@@ -172,7 +172,7 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
     zeros = np.zeros(E)
     n_x, sx, sxx = zeros.copy(), zeros.copy(), zeros.copy()
     blk = {k: np.zeros((E, M)) for k in ("n_xy", "sx_m", "sxx_m", "sy_m", "syy_m", "sxy_m")}
-    pat_n, pat_s, pat_c, pat_idx, pat_mean = [], [], [], [], []
+    pat_n, pat_s, pat_c, pat_idx = [], [], [], []
     for p, members in enumerate(pats):
         if x is not None and members[x]:
             n_x += n[:, p]
@@ -195,9 +195,8 @@ def edge_data(stats, error_group=None, resolution: float = 0.0) -> tuple[EdgeDat
             pat_n.append(n[:, p])
             pat_s.append(sums[:, p][:, cols])
             pat_c.append(cross[:, p][:, cols][:, :, cols])
-            pat_mean.append(n[:, p])  # completed below, once the exact counts are summed
-    for p, (idx, count, S, C) in enumerate(zip(pat_idx, pat_n, pat_s, pat_c)):
-        pat_mean[p] = (n_x >= 2) & (count >= len(idx) + 2) & _scatters(count, S, C, resolution)
+    pat_mean = [(n_x >= 2) & (count >= len(idx) + 2) & _scatters(count, S, C, resolution)  # needs all of n_x
+                for idx, count, S, C in zip(pat_idx, pat_n, pat_s, pat_c)]
     group = np.zeros(E, np.int32) if error_group is None else np.asarray(error_group, np.int32)
     data = EdgeData(n_x=n_x, sx=sx, sxx=sxx, **blk, pat_n=tuple(pat_n), pat_s=tuple(pat_s), pat_c=tuple(pat_c),
                     error_group=group, pat_idx=tuple(pat_idx), n_methods=M, pat_mean=tuple(pat_mean))

@@ -120,10 +120,9 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
                      n_inputs=n_inputs, ig_steps=ig_steps, seed=seed, device=device, progress=progress)
     timings["collect"] = time.perf_counter() - start
 
-    from .fitting import NUTS_MAX_EDGES, fit
+    from .fitting import chosen_inference, fit
 
-    if inference == "auto":  # what fit will choose, for the banner
-        inference = "nuts" if scores[schema.EDGE].nunique() <= NUTS_MAX_EDGES else "svi"
+    inference = chosen_inference(inference, scores[schema.EDGE].nunique())  # for the banner
     start = stage(f"fit: hierarchical model, {inference.upper()} {chains} chains x {draws} draws", 2)
     result = fit(paths["scores"], out=paths["fit"], inference=inference, chains=chains, draws=draws, seed=seed,
                  progress=progress)

@@ -36,7 +36,7 @@ from tinymodel import make_tiny_model, tiny_task_rows  # noqa: E402
 
 from bayescirc.bridge import load_model, scoring_mode  # noqa: E402
 from bayescirc.collection import prepare_inputs  # noqa: E402
-from bayescirc.graph import parse_edge, receiver_hook  # noqa: E402
+from bayescirc.graph import edge_table, parse_edge, receiver_hook  # noqa: E402
 from bayescirc.patching import Engine  # noqa: E402
 
 
@@ -154,17 +154,11 @@ def bench(model, n_inputs: int, label: str, naive_edges: int | None, exact_layer
             pick = rng.choice(E, size=min(naive_edges, E), replace=False) if naive_edges < E else np.arange(E)
             edges = [graph.edges[i] for i in pick]
             if exact_layers is not None:
-                edges = [e for e in edges if _receiver_layer(e, L) >= L - exact_layers] or edges
+                layer = edge_table(edges, n_layers=L)[0]["receiver_layer"]  # logits: layer L, after the last block
+                edges = [e for e, r in zip(edges, layer) if r >= L - exact_layers] or edges
             naive = naive_exact_seconds(model, batch.take(np.arange(min(B, 2))), edges, run, engine.source_index)
             print(f"naive exact (one hooked forward per edge): {naive * 1e6:.1f} us per edge-input "
                   f"-> batched exact is {naive / per:.1f}x faster")
-
-
-
-def _receiver_layer(edge: str, n_layers: int) -> int:
-    """The edge's receiver layer, the logits counting as layer ``n_layers`` (after the last block)."""
-    layer = parse_edge(edge).receiver_layer
-    return n_layers if layer is None else layer
 
 
 def main(argv=None):
