@@ -246,7 +246,7 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
     -------
     FaithfulnessResult
     """
-    from .circuits import sample_circuits
+    from .circuits import CircuitWarning, sample_circuits
     from .posterior import FitResult, load_fit
     from .tasks import read_task
 
@@ -270,8 +270,11 @@ def evaluate(fit, model, task, *, n_circuits: int = 100, rule: str = "slab", hel
     n_fit = fit.summary.get("n_inputs") or fit.metadata.get("n_inputs")
     inputs = held_out_inputs(held_out, len(table), n_fit, fit.summary.get("input_ids"))
     samples = sample_circuits(fit, n=n_circuits, rule=rule, seed=seed)
-    # the median-probability circuit of the whole posterior (what `circuits` reports), not of the n sampled
-    median = sample_circuits(fit, rule=rule, seed=seed).median_circuit()
+    # the median-probability circuit of the whole posterior (what `circuits` reports), not of the n sampled;
+    # the same edges as above, so any warning about them has been given once already
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CircuitWarning)
+        median = sample_circuits(fit, rule=rule, seed=seed).median_circuit()
     packed = np.packbits(samples.indicators, axis=1)
     _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)

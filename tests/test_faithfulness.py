@@ -1,12 +1,14 @@
 """Faithfulness arithmetic on hand-computed arrays, and evaluate() end to end with a stand-in patcher."""
 
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
-from fitfixtures import fake_patching, four_draw_fit
+from fitfixtures import THREE_EDGES, fake_patching, four_draw_fit, make_fit
 
+from bayescirc.circuits import CircuitWarning
 from bayescirc.errors import BayescircError
 from bayescirc.faithfulness import FaithfulnessWarning, circuit_faithfulness, evaluate, held_out_inputs, interval
 
@@ -106,6 +108,16 @@ def test_a_model_other_than_the_fits_is_warned_about(monkeypatch, task, tmp_path
     task.to_json(task_file, orient="records", lines=True)
     with pytest.warns(FaithfulnessWarning, match="collected with task '/data/models/induction/task.jsonl'"):
         evaluate(fit, tmp_path / "induction", task_file, n_circuits=2, held_out=None, progress=False)
+
+
+def test_a_dangling_edge_is_warned_about_once(monkeypatch, task):
+    monkeypatch.setitem(sys.modules, "bayescirc.patching", fake_patching([]))
+    fit = make_fit(THREE_EDGES + ("m0->a1.h0<q>",), inclusion=np.ones((4, 4)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(fit, "model", task, n_circuits=2, held_out=None, progress=False)
+    circuit_warnings = [w for w in caught if issubclass(w.category, CircuitWarning)]
+    assert len(circuit_warnings) == 1 and "'m0->a1.h0<q>'" in str(circuit_warnings[0].message)
 
 
 def test_the_median_circuit_is_the_whole_posteriors_and_bad_settings_fail_before_any_run(monkeypatch, task):
