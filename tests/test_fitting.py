@@ -340,6 +340,38 @@ def test_nuts_stuck_at_the_maximum_tree_depth_is_a_warning(tiny, monkeypatch):
     assert any("100% of NUTS iterations hit the maximum tree depth" in m for m in messages)
 
 
+def test_nuts_strides_over_a_global_the_data_pin_far_below_unit_scale():
+    """Warm-up's mass matrix is shrunk towards 1e-3 (as in Stan), so it cannot describe a coordinate whose
+    posterior SD is 1e-5 (a method bias on a small induction collect: 2e-4), and plain NUTS then crawls at a
+    tiny step size. bayescirc's NUTS samples such a global in units of its curvature at the MAP."""
+    import jax
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
+    from bayescirc import _fit_engine as engine
+
+    def prior():
+        numpyro.sample("b", dist.Normal(0.0, 1.0))
+        return numpyro.sample("a", dist.Normal(0.0, 1.0))
+
+    def model():
+        numpyro.sample("y", dist.Normal(prior(), 1e-5), obs=0.3)
+
+    start = {"a": 0.3, "b": 0.0}
+    samples, stats, rescaled = engine.nuts(model, prior, (), start, key=jax.random.PRNGKey(0), chains=1, draws=400,
+                                           warmup=400, dense=False)
+    assert rescaled == 1  # `a` only
+    assert stats["n_steps"].mean() < 15
+    a, b = samples["a"].ravel(), samples["b"].ravel()
+    assert abs(a.mean() - 0.3) < 3e-6 and 0.8e-5 < a.std() < 1.2e-5  # the posterior: N(0.3, 1e-5) to 1e-10
+    assert abs(b.mean()) < 0.3 and 0.8 < b.std() < 1.2  # the prior
+    plain = MCMC(NUTS(model, init_strategy=init_to_value(values=start)), num_warmup=300, num_samples=100,
+                 progress_bar=False)  # the same model in NumPyro's own coordinates: ~570 steps per iteration
+    plain.run(jax.random.PRNGKey(0), extra_fields=("num_steps",))
+    assert plain.get_extra_fields()["num_steps"].mean() > 100
+
+
 def test_student_t_needs_exact_scores():
     sim = simulate(n_layers=1, n_heads=2, n_inputs=20, n_exact=0, seed=5)
     with pytest.raises(FitError, match="needs exact scores"):
