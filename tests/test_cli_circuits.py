@@ -27,9 +27,10 @@ def test_help_teaches_the_options(name):
 
 def test_circuits_writes_summary_tables_and_eap_ig_json(tmp_path):
     four_draw_fit().save(tmp_path / "fit")
-    result = run("circuits", tmp_path / "fit", "--out", tmp_path / "c")
+    result = run("circuits", tmp_path / "fit", "--out", f"{tmp_path / 'c'}/")
     assert result.exit_code == 0, result.output
     assert "median-probability circuit: 1 edges" in result.output
+    assert f"wrote {tmp_path / 'c'}/ (circuits.json" in result.output  # one slash, however --out was typed
     summary = json.loads((tmp_path / "c" / "circuits.json").read_text())
     assert summary["median_circuit"] == [C] and summary["credible_superset"] == sorted([A, B, C])
     assert summary["expected_jaccard"] == pytest.approx(7 / 18)

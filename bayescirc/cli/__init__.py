@@ -59,6 +59,11 @@ class LazyGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+def folder(path) -> str:
+    """A folder as the messages name it: ``fit/`` however the user typed it (``fit``, ``fit/``)."""
+    return str(path).rstrip("/") + "/"
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import folder
+
 CIRCUITS_FILES = ("circuits.json", "edges.parquet", "samples.parquet", "summary.txt", "median_circuit.json",
                   "credible_core.json", "credible_superset.json")
 """What ``bayescirc circuits`` writes into its output directory."""
@@ -79,5 +81,5 @@ def command(fit_dir, n, rule, seed, prob, top, out, export_json, d_model):
                                   ("credible_superset", samples.credible_superset(prob))):
                 write_circuit_json(tmp / f"{name}.json", circuit, samples.frequency, graph=graph, d_model=d_model)
     click.echo(text)
-    click.echo(f"\nwrote {out}/ (circuits.json, edges.parquet, samples.parquet, summary.txt"
+    click.echo(f"\nwrote {folder(out)} (circuits.json, edges.parquet, samples.parquet, summary.txt"
                + (", median_circuit.json, credible_core.json, credible_superset.json)" if export_json else ")"))

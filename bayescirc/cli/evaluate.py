@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import folder
+
 
 def _held_out(value):
     if value is None:
@@ -70,4 +72,4 @@ def command(fit_dir, model, task, n_circuits, rule, held_out, metric, interval_p
     click.echo(result.to_text())
     if out:
         result.save(out)
-        click.echo(f"wrote {str(out).rstrip('/')}/")
+        click.echo(f"wrote {folder(out)}")

@@ -6,6 +6,8 @@ import warnings
 
 import click
 
+from . import folder
+
 
 def _print_summary(res, top: int) -> None:
     s = res.summary
@@ -153,4 +155,4 @@ def command(scores, out, inference, chains, draws, warmup, seed, hdi_prob, inclu
         if not issubclass(w.category, FitWarning) or str(w.message) not in shown:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     _print_summary(res, top)
-    click.echo(f"\nwrote {str(out).rstrip('/')}/ (edges.parquet, posterior.nc, summary.json)")
+    click.echo(f"\nwrote {folder(out)} (edges.parquet, posterior.nc, summary.json)")

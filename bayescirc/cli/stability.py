@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import folder
+
 
 @click.command(name="stability")
 @click.argument("scores", type=click.Path())
@@ -90,4 +92,4 @@ def command(scores, bootstrap, ks, thresholds, methods, bayes, bayes_bootstrap, 
         click.echo(result.to_text())
     if out:
         result.save(Path(out))
-        click.echo(f"\nwrote {str(out).rstrip('/')}/", err=as_json)
+        click.echo(f"\nwrote {folder(out)}", err=as_json)
