@@ -50,12 +50,12 @@ class DemoResult:
 
 
 def _task_for(model, task) -> Path | str:
+    if isinstance(model, str | os.PathLike) and not Path(model).expanduser().exists() and looks_like_path(str(model)):
+        raise ModelError(f"{model}: no such model directory.")  # before any stage starts, with or without a task
     if task is not None:
         return task
     if isinstance(model, str | os.PathLike) and (Path(model) / "task.jsonl").exists():
         return Path(model) / "task.jsonl"
-    if isinstance(model, str | os.PathLike) and not Path(model).expanduser().exists() and looks_like_path(str(model)):
-        raise ModelError(f"{model}: no such model directory.")
     raise BayescircError(f"model {model!r} has no task.jsonl beside it: pass task= (a task file, e.g. from `bayescirc task`).")
 
 

@@ -27,9 +27,12 @@ def test_sizes_are_checked_before_any_work(tmp_path):
         demo(tmp_path / "out", model=tmp_path, echo=None)
 
 
-def test_a_missing_model_directory_is_named_as_such(tmp_path):
-    with pytest.raises(BayescircError, match="nomodel: no such model directory"):
-        demo(tmp_path / "out", model=str(tmp_path / "nomodel"))
+def test_a_missing_model_directory_is_named_as_such_before_any_stage(tmp_path):
+    said = []
+    for task in (None, tmp_path / "task.jsonl"):
+        with pytest.raises(BayescircError, match="nomodel: no such model directory"):
+            demo(tmp_path / "out", model=str(tmp_path / "nomodel"), task=task, echo=said.append)
+    assert said == [] and not (tmp_path / "out").exists()
 
 
 def test_demo_help_teaches_the_equivalent_commands():
