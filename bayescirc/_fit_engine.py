@@ -370,7 +370,6 @@ def _on_unit_scale(model, centre, scale, *args, unravel):
     numpyro.factor("target", -energy)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
 def _curvatures(model, unravel, flat, args):
     """Diagonal of the Hessian of ``model``'s potential at ``flat``, one Hessian-vector product at a time."""
     grad = jax.grad(lambda x: potential_energy(model, args, {}, unravel(x)))
@@ -384,7 +383,8 @@ def unit_scale(model, prior, args: tuple, values: dict):
     Returns ``(centre, scale, unravel, to_sites)``: flat unconstrained vectors, the function that turns
     one into the model's site dict, and a function from draws of ``w`` (..., n) to constrained sites."""
     flat, unravel = ravel_pytree(unconstrain_fn(prior, args, {}, values))
-    curvature = np.asarray(_curvatures(model, unravel, flat, args))
+    # compiled per call (the persistent cache still serves it), so no jit cache keeps each fit's model alive
+    curvature = np.asarray(jax.jit(partial(_curvatures, model, unravel))(flat, args))
     scale = np.where(curvature > NUTS_STIFF, 1.0 / np.sqrt(np.maximum(curvature, NUTS_STIFF)), 1.0)
     centre, scale = jnp.asarray(flat), jnp.asarray(scale)
 
