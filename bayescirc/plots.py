@@ -735,7 +735,10 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
     fig = _figure(min(30, max(8, 0.75 * n_cols + 2)), min(16, max(4.5, 0.45 * n_rows + 2.2)))
     ax = fig.subplots()
     cmap = mpl.colormaps["Blues"]
-    styles = {"q": "-", "k": "--", "v": ":", None: "-"}
+    # <v> as round dots (a near-zero dash with round caps): ":" scales its square dots with the line width, and
+    # at the width of a probable edge they read as the dashes of <k>
+    styles = {"q": "-", "k": "--", "v": (0, (0.01, 2.4)), None: "-"}
+    caps = {"v": "round"}
     touched, in_circuit_nodes = set(), set()
     for edge, p in shown.sort_values("inclusion_prob").itertuples(index=False):
         info = parse_edge(edge)
@@ -747,6 +750,7 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
         rad = 0.25 if abs(y1 - y0) < 0.5 else 0.1
         arrow = FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
                                 mutation_scale=6 + 6 * p, lw=0.4 + 3.2 * p, linestyle=styles[info.qkv],
+                                capstyle=caps.get(info.qkv, "butt"),
                                 color=CIRCUIT_COLOUR if hot else cmap(0.35 + 0.65 * p),
                                 alpha=0.95 if hot else 0.15 + 0.75 * p, zorder=3 if hot else 2,
                                 shrinkA=5, shrinkB=5)
@@ -771,7 +775,8 @@ def plot_circuit(fit, threshold: float = 0.1, max_edges: int = 60, circuit: set[
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=cmap)
     fig.colorbar(sm, ax=ax, label="inclusion probability (width, opacity)", shrink=0.8)
     handles = [Line2D([], [], color=CIRCUIT_COLOUR, lw=2, label=f"median-probability circuit ({len(circuit)} edges)")]
-    handles += [Line2D([], [], color="#555", ls=styles[x], label=f"into head <{x}>") for x in ("q", "k", "v")]
+    handles += [Line2D([], [], color="#555", ls=styles[x], lw=1.8, dash_capstyle=caps.get(x, "butt"),
+                       label=f"into head <{x}>") for x in ("q", "k", "v")]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     info = run_info(fit)
     ax.set_title(_title(fit, "Circuit graph")
