@@ -346,7 +346,7 @@ class InferenceResult:
     svi_loss: np.ndarray | None
     mass_matrix: str | None = None  # NUTS: "dense" or "diagonal"
     chain_method: str | None = None  # NUTS: "parallel" (side by side) or "sequential"
-    rescaled: int | None = None  # NUTS: globals whose coordinate was narrowed to their curvature at the MAP
+    rescaled: int | None = None  # NUTS: unconstrained coordinates narrowed to their curvature at the MAP
 
 
 # --- NUTS on unit-scale coordinates ---------------------------------------------------------------
@@ -370,10 +370,18 @@ def _on_unit_scale(model, centre, scale, *args, unravel):
     numpyro.factor("target", -energy)
 
 
-def _curvatures(model, unravel, flat, args):
-    """Diagonal of the Hessian of ``model``'s potential at ``flat``, one Hessian-vector product at a time."""
+def _curvatures(model, unravel, flat, args, step):
+    """Diagonal of the Hessian of ``model``'s potential at ``flat``: central differences of its gradient.
+
+    One gradient program (compiled in ~6 s here, where the forward-over-reverse Hessian-vector products
+    took ~18 s), evaluated twice per coordinate; ``step`` (n,) is each coordinate's difference step."""
     grad = jax.grad(lambda x: potential_energy(model, args, {}, unravel(x)))
-    return jax.lax.map(lambda v: jnp.vdot(v, jax.jvp(grad, (flat,), (v,))[1]), jnp.eye(flat.size))
+
+    def one(i):
+        e = jnp.zeros_like(flat).at[i].set(step[i])
+        return (grad(flat + e)[i] - grad(flat - e)[i]) / (2 * step[i])
+
+    return jax.lax.map(one, jnp.arange(flat.size))
 
 
 def unit_scale(model, prior, args: tuple, values: dict):
@@ -384,7 +392,13 @@ def unit_scale(model, prior, args: tuple, values: dict):
     one into the model's site dict, and a function from draws of ``w`` (..., n) to constrained sites."""
     flat, unravel = ravel_pytree(unconstrain_fn(prior, args, {}, values))
     # compiled per call (the persistent cache still serves it), so no jit cache keeps each fit's model alive
-    curvature = np.asarray(jax.jit(partial(_curvatures, model, unravel))(flat, args))
+    curvatures = jax.jit(partial(_curvatures, model, unravel))
+    curvature = np.asarray(curvatures(flat, args, jnp.full(flat.size, 1e-4)))
+    # again with steps of a tenth of each coordinate's SD, where 1e-4 was more than that
+    finite = np.isfinite(curvature) & (curvature > 0)
+    step = np.where(finite, np.clip(0.1 / np.sqrt(np.where(finite, curvature, 1.0)), 1e-9, 1e-4), 1e-4)
+    curvature = np.asarray(curvatures(flat, args, jnp.asarray(step)))
+    curvature = np.where(np.isfinite(curvature), curvature, 0.0)
     scale = np.where(curvature > NUTS_STIFF, 1.0 / np.sqrt(np.maximum(curvature, NUTS_STIFF)), 1.0)
     centre, scale = jnp.asarray(flat), jnp.asarray(scale)
 

@@ -442,7 +442,7 @@ def fit(scores, *, out=None, inference: str = "auto", chains: int = 2, draws: in
                                  spike_sd=spike_sd, svi_steps=svi_steps or 3000, threshold=threshold,
                                  scale=scale, error_pooling=error_pooling, approx_only=approx_only,
                                  nuts_mass_matrix=result.mass_matrix, nuts_chain_method=result.chain_method,
-                                 nuts_rescaled_globals=result.rescaled),
+                                 nuts_rescaled_coordinates=result.rescaled),
                    exact_values=exact_values, exact_mask=exact_mask, layers=layers)
     clock.lap("outputs")
     res.summary["settings"].update(fit_seconds=round(time.perf_counter() - started, 3), timings=clock.laps)

@@ -359,6 +359,8 @@ def test_nuts_strides_over_a_global_the_data_pin_far_below_unit_scale():
         numpyro.sample("y", dist.Normal(prior(), 1e-5), obs=0.3)
 
     start = {"a": 0.3, "b": 0.0}
+    scale = engine.unit_scale(model, prior, (), start)[1]  # coordinates a, b: a's conditional SD is 1/sqrt(1e10 + 1)
+    np.testing.assert_allclose(np.asarray(scale), [1e-5, 1.0], rtol=0.02)  # float32 when run alone
     samples, stats, rescaled = engine.nuts(model, prior, (), start, key=jax.random.PRNGKey(0), chains=1, draws=400,
                                            warmup=400, dense=False)
     assert rescaled == 1  # `a` only
