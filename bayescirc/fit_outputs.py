@@ -255,8 +255,8 @@ def assemble(*, stats, table, approx, has_exact, problem, result, per_edge, hdi_
         diag["max_tree_depth_share"] = float(np.mean(steps >= MAX_TREE_STEPS)) if steps.size else None
         if steps.size and diag["max_tree_depth_share"] > MAX_TREE_SHARE:
             warn.append(f"{diag['max_tree_depth_share']:.0%} of NUTS iterations hit the maximum tree depth "
-                        f"({MAX_TREE_STEPS} leapfrog steps): the sampler barely moves (parameters on very different "
-                        "scales, e.g. few inputs with edges scored at rounding noise), so r_hat and ESS can look "
+                        f"({MAX_TREE_STEPS} leapfrog steps): the sampler barely moves (a posterior that varies in scale "
+                        "from place to place, e.g. one or two inputs), so r_hat and ESS can look "
                         "fine while a chain is stuck. Check the trace plot, or fit with --inference svi.")
         chains, draws = idata.posterior.sizes.get("chain", 1), idata.posterior.sizes.get("draw", 1)
         if draws < 4:

@@ -80,7 +80,7 @@ def demo(out: str | os.PathLike = "demo-out", model=None, n_inputs: int = 200, e
     chains, draws : int, default 2, 300
         Settings of the fit (SVI draws ``chains * draws`` samples).
     inference : {"auto", "nuts", "svi"}, default "auto"
-        The fit's inference: ``auto`` is NUTS up to 5,000 edges. On a few dozen
+        The fit's inference: ``auto`` is NUTS up to 5,000 edges. On one or two
         inputs NUTS can stall at its maximum tree depth; ``svi`` then.
     ig_steps : int, default 5
     seed : int, default 0

@@ -19,7 +19,7 @@ import click
 @click.option("--draws", type=int, default=300, show_default=True, help="Draws per chain in the fit.")
 @click.option("--chains", type=int, default=2, show_default=True, help="Chains of the fit (SVI: chains x draws samples).")
 @click.option("--inference", type=click.Choice(["auto", "nuts", "svi"]), default="auto", show_default=True,
-              help="The fit's inference (bayescirc fit --inference): auto is NUTS up to 5,000 edges; on a few dozen "
+              help="The fit's inference (bayescirc fit --inference): auto is NUTS up to 5,000 edges; on one or two "
                    "inputs NUTS can stall at its maximum tree depth, use svi then.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every stage.")
 @click.option("--device", default="auto", show_default=True, help="Torch device for collection: auto, cpu, cuda.")
