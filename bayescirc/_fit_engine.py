@@ -431,6 +431,32 @@ def nuts(model, prior, args: tuple, values: dict, *, key, chains: int, draws: in
     return samples, stats, int(np.sum(np.asarray(scale) < 1.0))
 
 
+MAPS_SHARE = 0.5
+"""A NUTS fit clears JAX's in-memory caches once the process holds this share of Linux's memory-map limit."""
+
+
+def release_programs(share: float | None = None) -> bool:
+    """Clear JAX's in-memory caches when the process nears its memory-map limit; say whether it did.
+
+    NumPyro's sampler leaves its compiled programs mapped after it is gone: ~1,200 memory maps per NUTS fit of
+    110 edges, and Linux allows 65,530 per process (``vm.max_map_count``), so the ~55th NUTS fit in one process
+    (a bootstrap of refits) died in "LLVM compilation error: Cannot allocate memory". Clearing at every fit
+    cost ~4 s per fit of retracing; at half the limit it costs that once per ~27 fits. Programs then come back
+    from the disk cache. Elsewhere than Linux nothing is counted or cleared."""
+    share = MAPS_SHARE if share is None else share
+    try:
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return False
+    if used <= share * limit:
+        return False
+    jax.clear_caches()
+    return True
+
+
 def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, seed: int, progress: bool,
         svi_steps: int) -> InferenceResult:
     model, args = problem.model, problem.args
@@ -441,10 +467,7 @@ def run(problem: Problem, inference: str, chains: int, draws: int, warmup: int, 
         samples, stats, rescaled = nuts(model, partial(model, prior_only=True), args, problem.map_values, key=key,
                                         chains=chains, draws=draws, warmup=warmup, dense=dense,
                                         chain_method=chain_method, progress=progress)
-        # NumPyro's sampler leaves its compiled programs mapped after it is gone: ~1,200 memory maps per fit here,
-        # and Linux allows 65,530 per process, so the ~55th NUTS fit in one process (a bootstrap of refits)
-        # died in "LLVM compilation error: Cannot allocate memory". Later programs come from the disk cache.
-        jax.clear_caches()
+        release_programs()
         return InferenceResult(samples=_with_type_errors(samples), sample_stats=stats, svi_loss=None,
                                mass_matrix="dense" if dense else "diagonal", chain_method=chain_method,
                                rescaled=rescaled)
