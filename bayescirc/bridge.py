@@ -137,9 +137,21 @@ def _is_loaded_model(model: Any) -> bool:
     return hasattr(model, "run_with_hooks") and hasattr(model, "cfg")
 
 
-def looks_like_path(name: str) -> bool:
+def _looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local directory rather than a hub name (``gpt2``, ``org/model``)."""
     return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+
+
+def refuse_missing_directory(model: Any) -> None:
+    """Raise :class:`ModelError` when ``model`` names a local directory that does not exist (with close matches).
+
+    A hub name (``gpt2``, ``org/model``) or a loaded model passes: only loading can tell about those."""
+    if not isinstance(model, (str, os.PathLike)):
+        return
+    name = str(model)
+    local = Path(name).expanduser()
+    if not local.exists() and _looks_like_path(name):
+        raise ModelError(f"{name}: no such model directory.{_similar_directories(local)}")
 
 
 def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progress: bool = True) -> Any:
@@ -164,6 +176,7 @@ def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progr
                          "or a HookedTransformer / TransformerBridge.")
     from transformer_lens.model_bridge import TransformerBridge
 
+    refuse_missing_directory(model)
     name = str(model)
     local = Path(name).expanduser()
     if local.exists():
@@ -171,8 +184,6 @@ def load_model(model: Any, device: str | None = "auto", dtype: Any = None, progr
             raise ModelError(f"{local}: not a Hugging Face model directory (no config.json). "
                              "Point --model at a directory saved with save_pretrained, or at a hub name.")
         name = str(local)
-    elif looks_like_path(name):
-        raise ModelError(f"{name}: no such model directory.{_similar_directories(local)}")
     try:
         with _hf_progress(progress):
             bridge = TransformerBridge.boot_transformers(name, device=resolve_device(device), dtype=_torch_dtype(dtype))

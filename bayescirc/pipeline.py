@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import schema
-from .bridge import looks_like_path
-from .errors import BayescircError, ModelError
+from .bridge import refuse_missing_directory
+from .errors import BayescircError
 
 __all__ = ["demo", "DemoResult", "DEMO_METHODS"]
 
@@ -50,8 +50,7 @@ class DemoResult:
 
 
 def _task_for(model, task) -> Path | str:
-    if isinstance(model, str | os.PathLike) and not Path(model).expanduser().exists() and looks_like_path(str(model)):
-        raise ModelError(f"{model}: no such model directory.")  # before any stage starts, with or without a task
+    refuse_missing_directory(model)  # before any stage starts, with or without a task
     if task is not None:
         return task
     if isinstance(model, str | os.PathLike) and (Path(model) / "task.jsonl").exists():
