@@ -51,6 +51,11 @@ class Check:
     note: str = ""
 
 
+def fit_warnings(summary: dict) -> list[str]:
+    """The warnings the fit gave (``summary.json`` → ``diagnostics.warnings``), none for an older summary."""
+    return (summary.get("diagnostics") or {}).get("warnings") or []
+
+
 def diagnostic_checks(summary: dict) -> list[Check]:
     """Pass/warn verdicts for a fit's ``summary["diagnostics"]``.
 
@@ -212,7 +217,7 @@ def _diagnostics_section(fit: FitResult) -> str:
     checks = diagnostic_checks(fit.summary)
     rows = [[c.name, c.value, c.rule, _status(c), c.note] for c in checks]
     n_warn = sum(c.status == "warn" for c in checks)
-    warnings = (fit.summary.get("diagnostics") or {}).get("warnings") or []
+    warnings = fit_warnings(fit.summary)
     also = f" The fit gave {len(warnings)} warning(s), below." if warnings else ""
     verdict = (f'<p class="pass">All diagnostics pass.{also}</p>' if n_warn == 0 else
                f'<p class="warn">{n_warn} diagnostic(s) warn: read the posterior with care '

@@ -27,12 +27,12 @@ def command(fit_dir, out, scores, stability, top):
       bayescirc report fit/ --scores scores.parquet --out report.html
     """
     from ..posterior import load_fit
-    from ..reporting import diagnostic_checks, report
+    from ..reporting import diagnostic_checks, fit_warnings, report
 
     fit = load_fit(fit_dir)
     path = report(fit, out, scores=scores, stability=stability, top=top)
     warns = [c.name for c in diagnostic_checks(fit.summary) if c.status == "warn"]
-    n_fit = len((fit.summary.get("diagnostics") or {}).get("warnings") or [])
+    n_fit = len(fit_warnings(fit.summary))
     also = f", {n_fit} fit warning(s): see the report" if n_fit else ""
     click.echo(f"wrote {path}" + (f" (diagnostics warn: {', '.join(warns)}{also})" if warns else
                                   f" (diagnostics pass{also})"))
